@@ -1,0 +1,2 @@
+"""x."""
+def main() -> None: print("hi")
