@@ -1,1 +1,39 @@
-"""x."""
+"""Pure actor logic: one module per entity kind, and the contract they share."""
+
+from __future__ import annotations
+
+from caresync.actors import appointment, billing, erp, supply
+from caresync.actors.contract import (
+    Accepted,
+    ActorRef,
+    Command,
+    Decision,
+    Downstream,
+    Effect,
+    EntityKind,
+    Registry,
+    Rejected,
+    Target,
+    effect_key,
+)
+
+
+def default_registry() -> Registry:
+    """The entity kinds a standard caresync router hosts."""
+    return Registry.of(appointment.KIND, billing.KIND, supply.KIND, erp.KIND)
+
+
+__all__ = [
+    "Accepted",
+    "ActorRef",
+    "Command",
+    "Decision",
+    "Downstream",
+    "Effect",
+    "EntityKind",
+    "Registry",
+    "Rejected",
+    "Target",
+    "default_registry",
+    "effect_key",
+]

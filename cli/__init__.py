@@ -1,2 +1,5 @@
 """x."""
-def main() -> None: print("hi")
+
+
+def main() -> None:
+    print("hi")

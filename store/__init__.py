@@ -1,1 +1,29 @@
-"""x."""
+"""The router's durable store: entity snapshots, dedupe, outbox, parking and offsets."""
+
+from __future__ import annotations
+
+from caresync.store.errors import StoreError, StoreSchemaError, StoreUnavailable
+from caresync.store.records import (
+    AppliedRow,
+    BatchWrite,
+    EntityRow,
+    OutboxRow,
+    ParkedRow,
+    PendingEffect,
+    StoredEntity,
+)
+from caresync.store.sqlite import Store
+
+__all__ = [
+    "AppliedRow",
+    "BatchWrite",
+    "EntityRow",
+    "OutboxRow",
+    "ParkedRow",
+    "PendingEffect",
+    "Store",
+    "StoreError",
+    "StoreSchemaError",
+    "StoreUnavailable",
+    "StoredEntity",
+]

@@ -1,0 +1,168 @@
+"""The subject taxonomy and stream names (see docs/contracts.md).
+
+Subjects, with the default prefix ``cs``::
+
+    cs.in.<kind>.<entity>       commands from source systems (canonical envelopes)
+    cs.int.<kind>.<entity>      internal fan-out: commands one actor sends to another
+    cs.out.<system>.<key>       effects for downstream systems (billing, erp, supply)
+    cs.dlq.<code>               dead letters: the raw bytes of rejected inputs
+    cs.ctl.<op>                 control requests (health, status); request/reply, not stored
+
+Entity ids are free text (``HOSP:A123``, ``OR 2.1``), subject tokens are not: ids are put in
+subjects with a reversible percent-encoding of the characters NATS reserves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from caresync.codecs.errors import SubjectError
+
+MAX_ID_LENGTH = 256
+
+# Characters that cannot appear raw in a NATS subject token, plus '%' itself so that the
+# encoding stays reversible.  Everything else (including ':' and non-ASCII) passes through.
+_RESERVED = frozenset(".*>% \t\r\n\f\v\x00/")
+
+
+def encode_token(value: str) -> str:
+    """Encode a free-text id as one subject token (reversible, see :func:`decode_token`)."""
+    if not value:
+        raise SubjectError("empty id cannot be a subject token", code="bad_id")
+    if not any(ch in _RESERVED or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        return value
+    out: list[str] = []
+    for ch in value:
+        if ch in _RESERVED or ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.extend(f"%{b:02X}" for b in ch.encode())
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def decode_token(token: str) -> str:
+    """Invert :func:`encode_token`; raises SubjectError on a malformed escape."""
+    if "%" not in token:
+        return token
+    raw = bytearray()
+    i = 0
+    while i < len(token):
+        ch = token[i]
+        if ch == "%":
+            pair = token[i + 1 : i + 3]
+            try:
+                raw.append(int(pair, 16))
+            except ValueError:
+                raise SubjectError(
+                    f"bad escape %{pair!s} in subject token", code="bad_id"
+                ) from None
+            i += 3
+        else:
+            raw.extend(ch.encode())
+            i += 1
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise SubjectError(
+            f"subject token is not UTF-8 after unescaping: {exc}", code="bad_id"
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EntityAddress:
+    """Where a command goes: the entity kind and id, and whether it came from inside."""
+
+    kind: str
+    entity: str
+    internal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Builds and parses subjects and stream names for one subject/stream prefix."""
+
+    prefix: str = "cs"
+    stream_prefix: str = "CARESYNC"
+    partitions: int = 1
+
+    # -- subjects ---------------------------------------------------------------------------
+    def command(self, kind: str, entity: str) -> str:
+        """Subject for a command from a source system."""
+        return f"{self.prefix}.in.{kind}.{encode_token(entity)}"
+
+    def internal(self, kind: str, entity: str) -> str:
+        """Subject for a command one actor sends to another."""
+        return f"{self.prefix}.int.{kind}.{encode_token(entity)}"
+
+    def downstream(self, system: str, key: str) -> str:
+        """Subject for an effect addressed to a downstream system."""
+        return f"{self.prefix}.out.{system}.{encode_token(key)}"
+
+    def dead_letter(self, code: str) -> str:
+        """Subject for a dead letter with a reason code."""
+        return f"{self.prefix}.dlq.{code}"
+
+    def control(self, op: str) -> str:
+        """Subject of a control request (health, status)."""
+        return f"{self.prefix}.ctl.{op}"
+
+    def parse_address(self, subject: str) -> EntityAddress:
+        """Entity kind and id of an input or internal subject; raises SubjectError."""
+        tokens = subject.split(".")
+        offset = self.prefix.count(".") + 1
+        if tokens[:offset] != self.prefix.split("."):
+            raise SubjectError(f"subject {subject!r} is outside the prefix {self.prefix!r}")
+        rest = tokens[offset:]
+        # A partitioned deployment maps cs.in.K.I to cs.part.N.in.K.I (see stream_subjects).
+        if len(rest) == 5 and rest[0] == "part":
+            rest = rest[2:]
+        if len(rest) != 3 or rest[0] not in ("in", "int") or not rest[1] or not rest[2]:
+            raise SubjectError(
+                f"subject {subject!r} is not {self.prefix}.in.<kind>.<entity> "
+                f"or {self.prefix}.int.<kind>.<entity>"
+            )
+        return EntityAddress(kind=rest[1], entity=decode_token(rest[2]), internal=rest[0] == "int")
+
+    # -- streams ----------------------------------------------------------------------------
+    def input_stream(self, partition: int) -> str:
+        """Name of the input stream of one partition (inputs and internal fan-out together)."""
+        if self.partitions == 1:
+            return f"{self.stream_prefix}_IN"
+        return f"{self.stream_prefix}_IN_P{partition}"
+
+    def input_stream_subjects(self, partition: int) -> list[str]:
+        """Subjects stored by the input stream of one partition.
+
+        Inputs and internal fan-out share one stream per partition so that replaying the
+        stream in sequence order reproduces exactly the order the live router applied.
+        """
+        if self.partitions == 1:
+            return [f"{self.prefix}.in.>", f"{self.prefix}.int.>"]
+        return [f"{self.prefix}.part.{partition}.>"]
+
+    def partition_mappings(self) -> dict[str, str]:
+        """Server subject mappings that spread entities over partitions (empty if one)."""
+        if self.partitions == 1:
+            return {}
+        n = self.partitions
+        return {
+            f"{self.prefix}.{role}.*.*": (
+                f"{self.prefix}.part.{{{{partition({n},1,2)}}}}.{role}.{{{{wildcard(1)}}}}"
+                f".{{{{wildcard(2)}}}}"
+            )
+            for role in ("in", "int")
+        }
+
+    @property
+    def output_stream(self) -> str:
+        """Name of the stream holding effects for downstream systems."""
+        return f"{self.stream_prefix}_OUT"
+
+    @property
+    def dead_letter_stream(self) -> str:
+        """Name of the dead-letter stream."""
+        return f"{self.stream_prefix}_DLQ"
+
+    def consumer_name(self, partition: int) -> str:
+        """Durable consumer name of the router on one partition."""
+        return f"router-p{partition}"

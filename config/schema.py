@@ -1,0 +1,175 @@
+"""Configuration schema: one frozen msgspec Struct per TOML section.
+
+Every field has a default that works for the embedded single-node mode, so an
+empty file (or no file at all) is a valid configuration. Field descriptions
+live in ``Meta(description=...)`` so the commented default TOML document is
+generated from this module and cannot drift from it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "Config",
+    "LogConfig",
+    "NatsConfig",
+    "OutboxConfig",
+    "RouterConfig",
+    "StoreConfig",
+    "StreamsConfig",
+    "SupervisionConfig",
+]
+
+# NATS subject tokens: no wildcards (`*`, `>`), whitespace or empty tokens.
+SUBJECT_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+# Stream names may not contain `.`, wildcards or whitespace either.
+STREAM_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+$"
+
+
+class NatsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Connection to the NATS server."""
+
+    url: Annotated[
+        str,
+        Meta(description='Server URL; "" means the embedded server started by `caresync up`'),
+    ] = ""
+    connect_timeout_s: Annotated[
+        float, Meta(gt=0, description="Timeout for establishing the connection")
+    ] = 5.0
+    name: Annotated[str, Meta(description="Client connection name shown by the server")] = (
+        "caresync-router"
+    )
+
+
+class StreamsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """JetStream streams and subjects."""
+
+    subject_prefix: Annotated[
+        str,
+        Meta(
+            pattern=SUBJECT_PREFIX_PATTERN,
+            description="First subject token(s): letters, digits, _ and -, tokens joined by dots",
+        ),
+    ] = "cs"
+    stream_prefix: Annotated[
+        str,
+        Meta(
+            pattern=STREAM_PREFIX_PATTERN,
+            description="Prefix of every JetStream stream name: letters, digits, _ and -",
+        ),
+    ] = "CARESYNC"
+    partitions: Annotated[
+        int, Meta(ge=1, le=64, description="Number of partition streams/consumers")
+    ] = 1
+    replicas: Annotated[int, Meta(ge=1, le=5, description="JetStream replicas per stream")] = 1
+    storage: Annotated[Literal["file", "memory"], Meta(description="JetStream storage backend")] = (
+        "file"
+    )
+    duplicate_window_s: Annotated[
+        float, Meta(gt=0, description="JetStream duplicate-detection window")
+    ] = 120.0
+    max_age_s: Annotated[
+        float, Meta(ge=0, description="Maximum message age; 0 keeps messages forever")
+    ] = 0.0
+
+
+class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Consuming, batching and actor lifecycle."""
+
+    batch_size: Annotated[
+        int, Meta(ge=1, le=10_000, description="Messages fetched per pull request")
+    ] = 500
+    pull_expires_ms: Annotated[
+        int, Meta(gt=0, description="How long a pull request waits for messages")
+    ] = 1000
+    batches_in_flight: Annotated[
+        int, Meta(ge=1, le=8, description="Pull batches processed concurrently per partition")
+    ] = 2
+    ack_wait_s: Annotated[
+        float, Meta(gt=0, description="Redelivery delay for unacknowledged messages")
+    ] = 60.0
+    max_live_actors: Annotated[
+        int, Meta(ge=1, description="Actors kept in memory before passivating the oldest")
+    ] = 100_000
+    idle_passivate_s: Annotated[
+        float, Meta(gt=0, description="Idle time after which an actor is passivated")
+    ] = 300.0
+    shutdown_timeout_s: Annotated[
+        float, Meta(gt=0, description="Grace period for draining on shutdown")
+    ] = 8.0
+
+
+class SupervisionConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Restart policy for failing actors."""
+
+    max_failures: Annotated[
+        int, Meta(ge=1, description="Consecutive failures before a message is dead-lettered")
+    ] = 5
+    backoff_initial_ms: Annotated[float, Meta(gt=0, description="First restart backoff delay")] = (
+        10.0
+    )
+    backoff_max_ms: Annotated[float, Meta(gt=0, description="Upper bound for restart backoff")] = (
+        2000.0
+    )
+
+
+class StoreConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """SQLite state store."""
+
+    path: Annotated[
+        str, Meta(min_length=1, description="Database file; relative paths are under the data dir")
+    ] = "caresync.db"
+    synchronous: Annotated[
+        Literal["normal", "full"], Meta(description="SQLite PRAGMA synchronous")
+    ] = "normal"
+    dedupe_retention_s: Annotated[
+        float,
+        Meta(gt=0, description="How long processed message ids are remembered for dedupe"),
+    ] = 604_800.0
+    busy_timeout_ms: Annotated[
+        int, Meta(gt=0, description="SQLite busy timeout when the database is locked")
+    ] = 5000
+
+
+class OutboxConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Transactional outbox publisher."""
+
+    publish_timeout_s: Annotated[
+        float, Meta(gt=0, description="Timeout for one JetStream publish acknowledgement")
+    ] = 5.0
+    max_in_flight: Annotated[
+        int, Meta(ge=1, description="Unacknowledged publishes allowed at once")
+    ] = 2000
+    retry_backoff_initial_ms: Annotated[
+        float, Meta(gt=0, description="First retry delay after a failed publish")
+    ] = 50.0
+    retry_backoff_max_ms: Annotated[
+        float, Meta(gt=0, description="Upper bound for publish retry delay")
+    ] = 5000.0
+
+
+class LogConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Logging."""
+
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"], Meta(description="Minimum log level")
+    ] = "info"
+    format: Annotated[
+        Literal["json", "console"], Meta(description="json for machines, console for humans")
+    ] = "json"
+
+
+class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The whole caresync configuration; one attribute per TOML section."""
+
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    supervision: SupervisionConfig = msgspec.field(default_factory=SupervisionConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)

@@ -1,0 +1,309 @@
+"""The JetStream transport: continuous pull consumers and publishes with PubAcks.
+
+``fetch()`` is not used: nats-py makes an asyncio task per message inside it and tops out at
+20-40k msgs/s.  The consumer here keeps about two batches of pull requests outstanding on the
+JetStream API directly and reads the replies from one inbox subscription.  That subscription
+uses nats-py's ``cb=`` only to append to our own buffer, a callback that cannot fail, because
+iterating ``sub.messages`` also costs a task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+import orjson
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+
+from caresync.router.transport import Inbound, Outbound, PublishResult, PublishStatus
+
+log = structlog.get_logger("caresync.jetstream")
+
+_MSG_ID = "Nats-Msg-Id"
+
+
+async def connect(url: str, *, name: str, connect_timeout_s: float) -> NatsClient:
+    """Connect with endless reconnects; connection events are logged, never swallowed."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=str(exc) or type(exc).__name__)
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected", url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected", url=url)
+
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=connect_timeout_s,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        pending_size=8 * 1024 * 1024,
+    )
+
+
+def _stream_seq(reply: str) -> int:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (9 tokens), or
+    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>... (12+ tokens).
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+class JetStreamConsumer:
+    """A continuous pull consumer on one stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        stream: str,
+        consumer: str,
+        *,
+        batch: int,
+        expires_s: float,
+        ack: bool = True,
+    ) -> None:
+        self._nc = nc
+        self._stream = stream
+        self._consumer = consumer
+        self._batch = batch
+        self._expires_s = expires_s
+        self._ack = ack
+        self._inbox = nc.new_inbox()
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._buf: deque[Msg] = deque()
+        self._wake = asyncio.Event()
+        self._sub: Subscription | None = None
+        self._outstanding = 0
+        self._last_activity = 0.0
+
+    @property
+    def stream(self) -> str:
+        """Name of the stream read."""
+        return self._stream
+
+    async def start(self) -> None:
+        """Subscribe to the reply inbox (no request is sent until the first batch is asked)."""
+
+        async def on_msg(msg: Msg) -> None:
+            self._buf.append(msg)
+            self._wake.set()
+
+        self._sub = await self._nc.subscribe(
+            self._inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+
+    async def _request(self, count: int) -> None:
+        body = orjson.dumps({"batch": count, "expires": int(self._expires_s * 1e9)})
+        await self._nc.publish(self._next_subject, body, reply=self._inbox)
+        self._outstanding += count
+        self._last_activity = time.monotonic()
+
+    async def _top_up(self) -> None:
+        # Requests that neither delivered nor expired within their lifetime were lost
+        # (reconnect, consumer leader change): forget them and ask again.
+        if self._outstanding and time.monotonic() - self._last_activity > self._expires_s + 2.0:
+            self._outstanding = 0
+        if self._outstanding <= self._batch and not self._nc.is_closed:
+            await self._request(self._batch)
+
+    async def next_batch(self, max_messages: int, timeout_s: float) -> list[Inbound]:
+        """Up to ``max_messages`` messages; empty if none arrived within ``timeout_s``."""
+        out: list[Inbound] = []
+        deadline = time.monotonic() + timeout_s
+        while not out:
+            await self._top_up()
+            if not self._buf:
+                self._wake.clear()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                with anyio.move_on_after(min(remaining, self._expires_s)):
+                    await self._wake.wait()
+            while self._buf and len(out) < max_messages:
+                self._take(self._buf.popleft(), out)
+        return out
+
+    def _take(self, msg: Msg, out: list[Inbound]) -> None:
+        self._last_activity = time.monotonic()
+        headers = msg.headers
+        if headers and api.Header.STATUS in headers and not msg.data:
+            self._on_status(headers)
+            return
+        self._outstanding = max(0, self._outstanding - 1)
+        out.append(
+            Inbound(
+                subject=msg.subject,
+                data=msg.data,
+                headers=headers,
+                stream=self._stream,
+                seq=_stream_seq(msg.reply),
+                reply=msg.reply,
+            )
+        )
+
+    def _on_status(self, headers: dict[str, str]) -> None:
+        status = headers.get(api.Header.STATUS, "")
+        if status == "408":  # request expired: the server tells how many it did not deliver
+            left = int(headers.get("Nats-Pending-Messages", "0") or 0)
+            self._outstanding = max(0, self._outstanding - left)
+        elif status in ("404", "409"):
+            # 409: consumer deleted, leadership change, too many waiting requests...
+            if status == "409":
+                log.info(
+                    "pull_request_ended", stream=self._stream, reason=headers.get("Description")
+                )
+            self._outstanding = 0
+        # 100 (idle heartbeat) needs nothing.
+
+    async def ack_through(self, message: Inbound) -> None:
+        """Ack the message; with AckPolicy.ALL that acks every earlier one too."""
+        if self._ack and message.reply and not self._nc.is_closed:
+            await self._nc.publish(message.reply, b"")
+
+    async def close(self) -> None:
+        """Unsubscribe; outstanding requests expire on the server by themselves."""
+        if self._sub is not None and not self._nc.is_closed:
+            try:
+                await self._sub.unsubscribe()
+            except nats.errors.ConnectionClosedError:
+                pass
+        self._sub = None
+
+
+class JetStreamTransport:
+    """The :class:`~caresync.router.transport.Transport` over one NATS connection."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        *,
+        batch: int = 500,
+        expires_s: float = 1.0,
+        ack_wait_s: float = 60.0,
+        max_ack_pending: int = 10_000,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(publish_async_max_pending=100_000)
+        self._batch = batch
+        self._expires_s = expires_s
+        self._ack_wait_s = ack_wait_s
+        self._max_ack_pending = max_ack_pending
+
+    async def open_consumer(self, stream: str, name: str, start_seq: int) -> JetStreamConsumer:
+        """(Re)create the durable ``name`` at ``start_seq`` and start reading.
+
+        The store, not the server, knows what was applied: the consumer is recreated at the
+        store's offset on every start, so that nothing applied is read twice and nothing is
+        read out of order after a crash.
+        """
+        try:
+            await self.js.delete_consumer(stream, name)
+        except nats.js.errors.NotFoundError:
+            pass
+        config = api.ConsumerConfig(
+            durable_name=name,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
+            if start_seq > 1
+            else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 1 else None,
+            ack_policy=api.AckPolicy.ALL,
+            ack_wait=self._ack_wait_s,
+            max_deliver=-1,
+            max_ack_pending=self._max_ack_pending,
+            max_waiting=512,
+        )
+        await self.js.add_consumer(stream, config=config)
+        consumer = JetStreamConsumer(
+            self.nc, stream, name, batch=self._batch, expires_s=self._expires_s
+        )
+        await consumer.start()
+        return consumer
+
+    async def open_reader(self, stream: str, start_seq: int) -> JetStreamConsumer:
+        """An ephemeral, unacknowledged pull consumer from ``start_seq`` (for replays)."""
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
+            if start_seq > 1
+            else api.DeliverPolicy.ALL,
+            opt_start_seq=start_seq if start_seq > 1 else None,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        info = await self.js.add_consumer(stream, config=config)
+        reader = JetStreamConsumer(
+            self.nc, stream, info.name, batch=self._batch, expires_s=self._expires_s, ack=False
+        )
+        await reader.start()
+        return reader
+
+    async def last_seq(self, stream: str) -> int:
+        """The stream's last sequence now."""
+        info = await self.js.stream_info(stream)
+        return int(info.state.last_seq)
+
+    async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
+        """publish_async every message, then wait for the PubAcks up to ``timeout_s``.
+
+        nats-py's futures never time out (after a disconnect they never resolve), hence the
+        deadline; what did not resolve in time is RETRY and is sent again with the same Msg-Id.
+        """
+        futures: list[asyncio.Future[api.PubAck] | None] = []
+        errors: dict[int, PublishResult] = {}
+        for i, m in enumerate(messages):
+            # nats-py mutates the headers dict it is given: always hand it a fresh one.
+            headers: dict[str, Any] = {**(m.headers or {}), _MSG_ID: m.key}
+            try:
+                futures.append(await self.js.publish_async(m.subject, m.payload, headers=headers))
+            except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+                futures.append(None)
+                errors[i] = PublishResult(m.key, PublishStatus.RETRY, _describe(exc))
+        pending = [f for f in futures if f is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        results: list[PublishResult] = []
+        for i, (m, fut) in enumerate(zip(messages, futures, strict=True)):
+            if fut is None:
+                results.append(errors[i])
+            elif not fut.done():
+                fut.cancel()
+                results.append(PublishResult(m.key, PublishStatus.RETRY, "no PubAck in time"))
+            elif (exc := fut.exception()) is not None:
+                results.append(PublishResult(m.key, _classify(exc), _describe(exc)))
+            else:
+                ack = fut.result()
+                status = PublishStatus.DUPLICATE if ack.duplicate else PublishStatus.STORED
+                results.append(PublishResult(m.key, status))
+        return results
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _classify(exc: BaseException) -> PublishStatus:
+    # 503 "no responders" means no stream answered: during a leader election that is
+    # transient, so it is retried with back-off like a timeout.
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.TimeoutError):
+        return PublishStatus.RETRY
+    if isinstance(exc, nats.js.errors.APIError):
+        code = getattr(exc, "code", None)
+        return PublishStatus.RETRY if code in (503, 408) else PublishStatus.FAILED
+    return PublishStatus.RETRY

@@ -1,0 +1,74 @@
+"""What the router writes to its outbox: effects as envelopes, and dead letters.
+
+Effects to other actors travel as msgpack envelopes on ``<prefix>.int.<kind>.<id>``; effects
+to downstream systems as JSON envelopes on ``<prefix>.out.<system>.<key>``.  A dead letter is
+the input's raw bytes, untouched, with the reason in headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from caresync.actors.contract import ActorRef, Command, Effect
+from caresync.codecs import Envelope, Subjects, WireFormat, encode_envelope, encode_payload
+from caresync.router.transport import Inbound
+from caresync.store import OutboxRow
+
+MAX_HEADER_VALUE = 1024
+
+# Headers a dead letter carries; the original headers are kept beside them.
+H_REASON = "Caresync-Reason"
+H_CODE = "Caresync-Reason-Code"
+H_SUBJECT = "Caresync-Subject"
+H_STREAM = "Caresync-Stream"
+H_SEQ = "Caresync-Stream-Seq"
+
+
+def effect_row(
+    subjects: Subjects, source_kind: str, command: Command[Any], effect: Effect
+) -> OutboxRow:
+    """The outbox row of one effect, keyed by its idempotency key."""
+    target = effect.target
+    if isinstance(target, ActorRef):
+        subject = subjects.internal(target.kind, target.entity)
+        kind, entity, fmt = f"{target.kind}.{effect.name}", target.entity, WireFormat.MSGPACK
+    else:
+        subject = subjects.downstream(target.system, target.key)
+        kind, entity, fmt = f"{target.system}.{effect.name}", target.key, WireFormat.JSON
+    envelope = Envelope(
+        id=effect.key,
+        kind=kind,
+        entity=entity,
+        occurred_at=command.occurred_at,
+        source=f"caresync/{source_kind}",
+        correlation_id=command.correlation_id or command.id,
+        causation_id=command.id,
+        data=encode_payload(effect.payload if effect.payload is not None else {}, fmt),
+    )
+    return OutboxRow(key=effect.key, subject=subject, payload=encode_envelope(envelope, fmt))
+
+
+def header_safe(text: str) -> str:
+    """A header value: one line of printable text, capped, so hostile input cannot break it."""
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
+    return cleaned[:MAX_HEADER_VALUE]
+
+
+def dead_letter_row(subjects: Subjects, message: Inbound, code: str, reason: str) -> OutboxRow:
+    """The outbox row sending ``message`` to the dead-letter stream, raw bytes untouched."""
+    headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
+    headers.update(
+        {
+            H_REASON: header_safe(reason),
+            H_CODE: code,
+            H_SUBJECT: header_safe(message.subject),
+            H_STREAM: message.stream,
+            H_SEQ: str(message.seq),
+        }
+    )
+    return OutboxRow(
+        key=f"dlq:{message.stream}:{message.seq}",
+        subject=subjects.dead_letter(code),
+        payload=message.data,
+        headers=headers,
+    )

@@ -1,0 +1,90 @@
+"""Publishes outbox rows with ``Nats-Msg-Id`` = idempotency key, retrying transient failures.
+
+Confirmations are not written at once: they are collected as marks and committed with the
+next batch's transaction (a crash before that only means a re-send, which the Msg-Id and the
+receiver's dedupe absorb).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+
+from caresync.router.transport import Outbound, PublishStatus, Transport
+from caresync.store import BatchWrite, OutboxRow, PendingEffect
+
+log = structlog.get_logger("caresync.publisher")
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    """Counters since start."""
+
+    published: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Publisher:
+    """Sends effects for every worker of one router."""
+
+    transport: Transport
+    timeout_s: float = 5.0
+    retry_initial_s: float = 0.05
+    retry_max_s: float = 5.0
+    chunk: int = 5000
+    stats: PublisherStats = field(default_factory=PublisherStats)
+    _sent: list[tuple[str, float]] = field(default_factory=list)
+    _failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def take_marks(self) -> BatchWrite:
+        """The confirmations gathered since the last call, as a write to commit."""
+        write = BatchWrite(sent=self._sent, failed=self._failed)
+        self._sent, self._failed = [], []
+        return write
+
+    async def send(self, rows: Sequence[OutboxRow | PendingEffect]) -> None:
+        """Publish ``rows`` until each is stored, a duplicate, or failed for good."""
+        for i in range(0, len(rows), self.chunk):
+            await self._send_chunk(
+                [Outbound(r.key, r.subject, r.payload, r.headers) for r in rows[i : i + self.chunk]]
+            )
+
+    async def _send_chunk(self, todo: list[Outbound]) -> None:
+        delay_s = self.retry_initial_s
+        while todo:
+            results = await self.transport.publish(todo, self.timeout_s)
+            now = time.time()
+            retry: list[Outbound] = []
+            for message, result in zip(todo, results, strict=True):
+                if result.status is PublishStatus.STORED:
+                    self.stats.published += 1
+                    self._sent.append((result.key, now))
+                elif result.status is PublishStatus.DUPLICATE:
+                    self.stats.duplicates += 1
+                    self._sent.append((result.key, now))
+                elif result.status is PublishStatus.RETRY:
+                    retry.append(message)
+                else:
+                    self.stats.failed += 1
+                    self._failed.append((result.key, result.error))
+                    log.error(
+                        "effect_failed", key=result.key, subject=message.subject, error=result.error
+                    )
+            if retry:
+                self.stats.retries += len(retry)
+                log.warning(
+                    "publish_retry",
+                    count=len(retry),
+                    error=next(r.error for r in results if r.status is PublishStatus.RETRY),
+                    retry_in_s=delay_s,
+                )
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self.retry_max_s)
+            todo = retry

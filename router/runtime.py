@@ -1,0 +1,173 @@
+"""The router: one pipeline per partition over a transport and a store.
+
+Transport-agnostic: :mod:`caresync.router.service` runs it on JetStream, the unit tests on the
+in-memory transport.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from caresync.actors.contract import Registry
+from caresync.codecs import Subjects
+from caresync.config import Config
+from caresync.router.publisher import Publisher
+from caresync.router.transport import Transport
+from caresync.router.worker import PartitionWorker, WorkerSettings
+from caresync.store import Store
+
+log = structlog.get_logger("caresync.router")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """Router-wide knobs; the per-partition ones are in :class:`WorkerSettings`."""
+
+    worker: WorkerSettings = WorkerSettings()
+    publish_timeout_s: float = 5.0
+    publish_retry_initial_s: float = 0.05
+    publish_retry_max_s: float = 5.0
+    dedupe_retention_s: float = 7 * 86400.0
+    prune_every_s: float = 60.0
+    shutdown_timeout_s: float = 8.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RouterSettings:
+        """Settings from a validated configuration."""
+        return cls(
+            worker=WorkerSettings.from_config(cfg),
+            publish_timeout_s=cfg.outbox.publish_timeout_s,
+            publish_retry_initial_s=cfg.outbox.retry_backoff_initial_ms / 1000,
+            publish_retry_max_s=cfg.outbox.retry_backoff_max_ms / 1000,
+            dedupe_retention_s=cfg.store.dedupe_retention_s,
+            shutdown_timeout_s=cfg.router.shutdown_timeout_s,
+        )
+
+
+class Router:
+    """Runs every partition of one deployment until :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        store: Store,
+        registry: Registry,
+        subjects: Subjects,
+        settings: RouterSettings | None = None,
+    ) -> None:
+        self.settings = settings or RouterSettings()
+        self.subjects = subjects
+        self.store = store
+        self.publisher = Publisher(
+            transport,
+            timeout_s=self.settings.publish_timeout_s,
+            retry_initial_s=self.settings.publish_retry_initial_s,
+            retry_max_s=self.settings.publish_retry_max_s,
+        )
+        self.workers = [
+            PartitionWorker(
+                stream=subjects.input_stream(p),
+                consumer_name=subjects.consumer_name(p),
+                transport=transport,
+                store=store,
+                registry=registry,
+                subjects=subjects,
+                publisher=self.publisher,
+                settings=self.settings.worker,
+            )
+            for p in range(subjects.partitions)
+        ]
+        self._stop = anyio.Event()
+        self._stopped = anyio.Event()
+        self.ready = False
+        self.started_at = 0.0
+
+    def stop(self) -> None:
+        """Ask the router to stop: stop pulling, finish and commit what was pulled, return."""
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`run` has returned."""
+        await self._stopped.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Send what the outbox still holds, start every partition, run until stopped."""
+        try:
+            await self.recover_outbox()
+            async with anyio.create_task_group() as tg:
+                for worker in self.workers:
+                    await tg.start(worker.run)
+                maintenance = anyio.CancelScope()
+                tg.start_soon(self._maintenance, maintenance)
+                self.ready = True
+                self.started_at = time.time()
+                log.info("router_ready", partitions=len(self.workers))
+                task_status.started()
+                await self._stop.wait()
+                self.ready = False
+                log.info("router_stopping")
+                maintenance.cancel()
+                for worker in self.workers:
+                    worker.stop()
+                # Draining is bounded: past the limit everything is cancelled.  Nothing is
+                # half-applied either way: a batch commits whole or not at all.
+                tg.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout_s
+        finally:
+            self.ready = False
+            self._stopped.set()
+        log.info("router_stopped")
+
+    async def _maintenance(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                await anyio.sleep(self.settings.prune_every_s)
+                removed = await self.store.prune_applied(
+                    time.time() - self.settings.dedupe_retention_s
+                )
+                if removed:
+                    log.info("dedupe_pruned", removed=removed)
+
+    async def recover_outbox(self) -> int:
+        """Publish outbox rows left pending by an earlier run (a crash); returns how many."""
+        total = 0
+        after = 0
+        while True:
+            rows = await self.store.pending_effects(limit=5000, after_seq=after)
+            if not rows:
+                break
+            await self.publisher.send(rows)
+            await self.store.commit(self.publisher.take_marks())
+            total += len(rows)
+            after = rows[-1].seq
+        if total:
+            log.info("outbox_recovered", effects=total)
+        return total
+
+    def health(self) -> dict[str, Any]:
+        """Readiness and counters, for ``caresync health`` and ``status``."""
+        return {
+            "ready": self.ready,
+            "started_at": self.started_at,
+            "partitions": [
+                {
+                    "stream": w.stream,
+                    "consumer": w.consumer_name,
+                    "live_actors": w.live_actors,
+                    **w.stats.as_dict(),
+                }
+                for w in self.workers
+            ],
+            "publisher": {
+                "published": self.publisher.stats.published,
+                "duplicates": self.publisher.stats.duplicates,
+                "retries": self.publisher.stats.retries,
+                "failed": self.publisher.stats.failed,
+            },
+        }

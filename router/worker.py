@@ -1,0 +1,416 @@
+"""One partition's pipeline: pull → apply (actors) → commit → publish effects → ack.
+
+Stages overlap across batches: while batch *k* is published and acked, batch *k+1* is applied
+and committed.  Per batch, everything goes into one SQLite transaction together with the
+stream offset, so after a crash the consumer restarts exactly after the last committed
+message and per-entity order holds (messages at or below the offset are skipped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup, TaskStatus
+
+from caresync.actors.contract import EntityKind, Registry
+from caresync.codecs import CodecError, Subjects
+from caresync.config import Config
+from caresync.router.actor import (
+    Applied,
+    BatchTracker,
+    Delivery,
+    EntityActor,
+    Parked,
+    Refused,
+    Supervision,
+)
+from caresync.router.decoding import CommandDecoder, Prepared
+from caresync.router.outbox_rows import dead_letter_row, effect_row
+from caresync.router.publisher import Publisher
+from caresync.router.transport import Inbound, InputConsumer, Transport
+from caresync.store import (
+    AppliedRow,
+    BatchWrite,
+    EntityRow,
+    OutboxRow,
+    ParkedRow,
+    Store,
+    StoredEntity,
+    StoreUnavailable,
+)
+
+log = structlog.get_logger("caresync.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """The knobs of one partition worker (from ``[router]``, ``[supervision]``, ``[outbox]``)."""
+
+    batch_size: int = 500
+    pull_timeout_s: float = 1.0
+    batches_in_flight: int = 2
+    max_live_actors: int = 100_000
+    idle_passivate_s: float = 300.0
+    supervision: Supervision = field(default_factory=Supervision)
+    commit_retry_initial_s: float = 0.05
+    commit_retry_max_s: float = 5.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> WorkerSettings:
+        """Settings from a validated configuration."""
+        return cls(
+            batch_size=cfg.router.batch_size,
+            pull_timeout_s=cfg.router.pull_expires_ms / 1000,
+            batches_in_flight=cfg.router.batches_in_flight,
+            max_live_actors=cfg.router.max_live_actors,
+            idle_passivate_s=cfg.router.idle_passivate_s,
+            supervision=Supervision(
+                max_failures=cfg.supervision.max_failures,
+                backoff_initial_s=cfg.supervision.backoff_initial_ms / 1000,
+                backoff_max_s=cfg.supervision.backoff_max_ms / 1000,
+            ),
+        )
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters of one worker since start (a snapshot is taken with :meth:`as_dict`)."""
+
+    received: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
+    batches: int = 0
+    commit_retries: int = 0
+    passivated: int = 0
+    last_seq: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class _ToPublish:
+    rows: list[OutboxRow]
+    last: Inbound
+
+
+class PartitionWorker:
+    """Runs the pipeline of one input stream (one partition)."""
+
+    def __init__(
+        self,
+        *,
+        stream: str,
+        consumer_name: str,
+        transport: Transport,
+        store: Store,
+        registry: Registry,
+        subjects: Subjects,
+        publisher: Publisher,
+        settings: WorkerSettings,
+    ) -> None:
+        self.stream = stream
+        self.consumer_name = consumer_name
+        self._transport = transport
+        self._store = store
+        self._subjects = subjects
+        self._publisher = publisher
+        self._settings = settings
+        self._decoder = CommandDecoder(registry, subjects)
+        self._state_decoders = {
+            name: msgspec.msgpack.Decoder(kind.state_type) for name, kind in registry.kinds.items()
+        }
+        self._encoder = msgspec.msgpack.Encoder()
+        self._actors: OrderedDict[tuple[str, str], EntityActor] = OrderedDict()
+        self._actors_tg: TaskGroup | None = None
+        self._last_seq = 0
+        self._stop = anyio.Event()
+        self._pull_scope: anyio.CancelScope | None = None
+        self.stats = WorkerStats()
+
+    @property
+    def live_actors(self) -> int:
+        """Entities with a live actor now."""
+        return len(self._actors)
+
+    def stop(self) -> None:
+        """Stop pulling; batches already pulled are applied, committed, published and acked."""
+        self._stop.set()
+        if self._pull_scope is not None:
+            self._pull_scope.cancel()
+
+    # -- live pipeline --------------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume from the committed offset until :meth:`stop`; then drain and return."""
+        self._last_seq = await self._store.offset(self.stream)
+        self.stats.last_seq = self._last_seq
+        consumer = await self._transport.open_consumer(
+            self.stream, self.consumer_name, self._last_seq + 1
+        )
+        log.info("partition_started", stream=self.stream, from_seq=self._last_seq + 1)
+        task_status.started()
+        try:
+            send, receive = anyio.create_memory_object_stream[list[Inbound]](
+                max(0, self._settings.batches_in_flight - 1)
+            )
+            pub_send, pub_receive = anyio.create_memory_object_stream[_ToPublish](1)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pull_loop, consumer, send)
+                tg.start_soon(self._apply_loop, receive, pub_send)
+                tg.start_soon(self._publish_loop, consumer, pub_receive)
+            # Marks of the last publishes: commit them so a restart does not resend.
+            with anyio.CancelScope(shield=True):
+                await self._commit(self._publisher.take_marks())
+        finally:
+            with anyio.CancelScope(shield=True):
+                await consumer.close()
+        log.info("partition_stopped", stream=self.stream, last_seq=self._last_seq)
+
+    async def _pull_loop(
+        self, consumer: InputConsumer, send: ObjectSendStream[list[Inbound]]
+    ) -> None:
+        async with send:
+            while not self._stop.is_set():
+                batch: list[Inbound] = []
+                with anyio.CancelScope() as scope:
+                    self._pull_scope = scope
+                    batch = await consumer.next_batch(
+                        self._settings.batch_size, self._settings.pull_timeout_s
+                    )
+                self._pull_scope = None
+                if scope.cancelled_caught:
+                    break
+                # Redeliveries of what is already in the pipeline or committed are dropped:
+                # this is what keeps per-entity order across ack timeouts and restarts.
+                fresh = [m for m in batch if m.seq > self._last_seq]
+                if fresh:
+                    self._last_seq = fresh[-1].seq
+                await send.send(fresh)  # an empty batch is an idle tick
+
+    async def _apply_loop(
+        self,
+        receive: ObjectReceiveStream[list[Inbound]],
+        pub_send: ObjectSendStream[_ToPublish],
+    ) -> None:
+        async with receive, pub_send, anyio.create_task_group() as actors_tg:
+            self._actors_tg = actors_tg
+            async for batch in receive:
+                write = await self.apply_batch(batch)
+                marks = self._publisher.take_marks()
+                write.sent, write.failed = marks.sent, marks.failed
+                await self._commit(write)
+                if batch:
+                    await pub_send.send(_ToPublish(write.outbox, batch[-1]))
+                self._passivate()
+            self._close_actors()
+
+    async def _publish_loop(
+        self, consumer: InputConsumer, receive: ObjectReceiveStream[_ToPublish]
+    ) -> None:
+        async with receive:
+            async for item in receive:
+                await self._publisher.send(item.rows)
+                await consumer.ack_through(item.last)
+
+    # -- replay ---------------------------------------------------------------------------------
+    async def replay(self, end_seq: int, *, progress: Any = None) -> int:
+        """Apply the stream from the committed offset through ``end_seq``; publish nothing.
+
+        Effects go to the outbox with INSERT OR IGNORE: those already sent stay sent and are
+        not sent again; new ones wait for the router's next start.  Returns messages read.
+        """
+        self._last_seq = await self._store.offset(self.stream)
+        start = self._last_seq
+        if self._last_seq >= end_seq:
+            return 0
+        reader = await self._transport.open_reader(self.stream, self._last_seq + 1)
+        try:
+            async with anyio.create_task_group() as actors_tg:
+                self._actors_tg = actors_tg
+                while self._last_seq < end_seq:
+                    batch = await reader.next_batch(
+                        self._settings.batch_size, self._settings.pull_timeout_s
+                    )
+                    batch = [m for m in batch if self._last_seq < m.seq <= end_seq]
+                    if not batch:
+                        continue
+                    self._last_seq = batch[-1].seq
+                    write = await self.apply_batch(batch)
+                    await self._commit(write)
+                    self._passivate()
+                    if progress is not None:
+                        progress(self._last_seq - start)
+                self._close_actors()
+        finally:
+            await reader.close()
+        return self._last_seq - start
+
+    # -- one batch ------------------------------------------------------------------------------
+    async def apply_batch(self, batch: list[Inbound]) -> BatchWrite:
+        """Run a batch through the actors; return everything it changes (not yet committed)."""
+        write = BatchWrite()
+        if not batch:
+            return write
+        stats = self.stats
+        stats.batches += 1
+        stats.received += len(batch)
+        stats.last_seq = batch[-1].seq
+        write.offsets[self.stream] = batch[-1].seq
+        now = time.time()
+        prepared: list[Prepared] = []
+        missing: set[tuple[str, str]] = set()
+        for message in batch:
+            try:
+                p = self._decoder.prepare(message)
+            except CodecError as exc:
+                stats.dead_lettered += 1
+                log.warning(
+                    "dead_letter",
+                    code=exc.code,
+                    reason=exc.reason,
+                    subject=message.subject,
+                    seq=message.seq,
+                )
+                write.outbox.append(dead_letter_row(self._subjects, message, exc.code, exc.reason))
+                continue
+            prepared.append(p)
+            if p.key not in self._actors:
+                missing.add(p.key)
+        if not prepared:
+            return write
+        done_before = await self._store.applied_among([p.command.id for p in prepared])
+        loaded = await self._store.load_entities(list(missing)) if missing else {}
+        tracker = BatchTracker()
+        deliveries: list[Delivery] = []
+        seen: set[str] = set()
+        for p in prepared:
+            command_id = p.command.id
+            if command_id in done_before or command_id in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(command_id)
+            delivery = Delivery(p, tracker)
+            self._actor(p.kind, p.command.entity, loaded).deliver(delivery)
+            deliveries.append(delivery)
+        await tracker.wait()
+        touched: dict[tuple[str, str], tuple[EntityActor, int]] = {}
+        for d in deliveries:
+            self._record(d, write, touched, now)
+        for (kind, entity), (actor, seq) in touched.items():
+            write.entities.append(
+                EntityRow(kind, entity, self._encoder.encode(actor.state), actor.parked, seq)
+            )
+        return write
+
+    def _record(
+        self,
+        d: Delivery,
+        write: BatchWrite,
+        touched: dict[tuple[str, str], tuple[EntityActor, int]],
+        now: float,
+    ) -> None:
+        p, outcome, msg = d.prepared, d.outcome, d.prepared.message
+        kind, entity, command = p.kind.name, p.command.entity, p.command
+        if isinstance(outcome, Applied):
+            self.stats.accepted += 1
+            write.applied.append(AppliedRow(command.id, kind, entity, msg.seq, "accepted", "", now))
+            write.outbox.extend(
+                effect_row(self._subjects, kind, command, e) for e in outcome.effects
+            )
+            touched[p.key] = (self._actors[p.key], msg.seq)
+        elif isinstance(outcome, Refused):
+            self.stats.rejected += 1
+            write.applied.append(
+                AppliedRow(command.id, kind, entity, msg.seq, "rejected", outcome.reason, now)
+            )
+            write.outbox.append(dead_letter_row(self._subjects, msg, outcome.code, outcome.reason))
+        elif isinstance(outcome, Parked):
+            self.stats.parked += 1
+            write.parked.append(
+                ParkedRow(
+                    kind=kind,
+                    id=entity,
+                    stream=msg.stream,
+                    seq=msg.seq,
+                    command_id=command.id,
+                    subject=msg.subject,
+                    data=msg.data,
+                    headers=msg.headers,
+                    reason=outcome.reason,
+                    failures=outcome.failures,
+                    parked_at=now,
+                )
+            )
+            if not outcome.behind:
+                touched[p.key] = (self._actors[p.key], msg.seq)
+        else:  # pragma: no cover - every delivery gets an outcome before the tracker fires
+            raise RuntimeError(f"delivery of {command.id} finished without an outcome")
+
+    # -- actors ---------------------------------------------------------------------------------
+    def _actor(
+        self,
+        kind: EntityKind[Any, Any],
+        entity: str,
+        loaded: dict[tuple[str, str], StoredEntity],
+    ) -> EntityActor:
+        key = (kind.name, entity)
+        actor = self._actors.get(key)
+        if actor is not None:
+            self._actors.move_to_end(key)
+            return actor
+        stored = loaded.get(key)
+        if stored is None:
+            actor = EntityActor(
+                kind, entity, kind.initial(entity), False, self._settings.supervision
+            )
+        else:
+            try:
+                state = self._state_decoders[kind.name].decode(stored.state)
+                actor = EntityActor(kind, entity, state, stored.parked, self._settings.supervision)
+            except msgspec.DecodeError as exc:
+                actor = EntityActor(kind, entity, None, False, self._settings.supervision)
+                actor.load_error = f"stored state does not decode: {exc}"
+        self._actors[key] = actor
+        assert self._actors_tg is not None, "actors are only created inside the pipeline"
+        self._actors_tg.start_soon(actor.run, name=f"actor {kind.name}:{entity}")
+        return actor
+
+    def _passivate(self) -> None:
+        """Drop idle actors (their state is committed), and the least recently used over the cap."""
+        cap = self._settings.max_live_actors
+        idle_before = time.monotonic() - self._settings.idle_passivate_s
+        while self._actors:
+            key, actor = next(iter(self._actors.items()))
+            if len(self._actors) <= cap and actor.last_used > idle_before:
+                break
+            del self._actors[key]
+            actor.close()
+            self.stats.passivated += 1
+
+    def _close_actors(self) -> None:
+        for actor in self._actors.values():
+            actor.close()
+        self._actors.clear()
+
+    async def _commit(self, write: BatchWrite) -> None:
+        """Commit, retrying transient store failures with back-off; nothing is acked meanwhile."""
+        delay_s = self._settings.commit_retry_initial_s
+        while True:
+            try:
+                await self._store.commit(write)
+                return
+            except StoreUnavailable as exc:
+                self.stats.commit_retries += 1
+                log.warning("store_unavailable", error=str(exc), retry_in_s=delay_s)
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._settings.commit_retry_max_s)

@@ -1,0 +1,105 @@
+"""Plain records the store reads and writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntity:
+    """An entity's persisted snapshot."""
+
+    kind: str
+    id: str
+    state: bytes
+    parked: bool
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class EntityRow:
+    """A new snapshot of one entity, written with its batch."""
+
+    kind: str
+    id: str
+    state: bytes
+    parked: bool
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedRow:
+    """A dedupe record: this command id reached a final outcome."""
+
+    command_id: str
+    kind: str
+    entity: str
+    seq: int
+    outcome: str
+    reason: str
+    applied_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A message to publish with ``Nats-Msg-Id`` = ``key``."""
+
+    key: str
+    subject: str
+    payload: bytes
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEffect:
+    """An outbox row read back for publishing."""
+
+    seq: int
+    key: str
+    subject: str
+    payload: bytes
+    headers: dict[str, str] | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRow:
+    """A message held back because its entity is parked."""
+
+    kind: str
+    id: str
+    stream: str
+    seq: int
+    command_id: str
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    reason: str
+    failures: int
+    parked_at: float
+
+
+@dataclass(slots=True)
+class BatchWrite:
+    """Everything one pulled batch changes, committed in one transaction."""
+
+    entities: list[EntityRow] = field(default_factory=list)
+    applied: list[AppliedRow] = field(default_factory=list)
+    outbox: list[OutboxRow] = field(default_factory=list)
+    parked: list[ParkedRow] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)
+    sent: list[tuple[str, float]] = field(default_factory=list)
+    """Outbox keys confirmed by a PubAck, with the time; marked sent in this transaction."""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """Outbox keys that cannot be published (no stream for the subject), with the error."""
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.entities
+            or self.applied
+            or self.outbox
+            or self.parked
+            or self.offsets
+            or self.sent
+            or self.failed
+        )

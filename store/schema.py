@@ -1,0 +1,73 @@
+"""SQLite schema of the router's store, and its version."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA foreign_keys=OFF",
+    "PRAGMA temp_store=MEMORY",
+)
+
+DDL = (
+    """CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    # Current state of every entity: a per-entity snapshot written with each batch.
+    """CREATE TABLE IF NOT EXISTS entities (
+        kind TEXT NOT NULL,
+        id TEXT NOT NULL,
+        state BLOB NOT NULL,
+        parked INTEGER NOT NULL DEFAULT 0,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)
+    ) WITHOUT ROWID""",
+    # Dedupe records: kept for store.dedupe_retention_s, far longer than JetStream's window.
+    """CREATE TABLE IF NOT EXISTS applied (
+        command_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        entity TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        applied_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS applied_by_time ON applied (applied_at)",
+    # Outbox and effect ledger: one row per idempotency key; 'sent' rows are what a replay
+    # must not send again.
+    """CREATE TABLE IF NOT EXISTS outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL UNIQUE,
+        subject TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        headers BLOB,
+        status TEXT NOT NULL DEFAULT 'pending',
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (seq) WHERE status = 'pending'",
+    # Messages of parked entities: the one that failed first, then those queued behind it.
+    """CREATE TABLE IF NOT EXISTS parked (
+        kind TEXT NOT NULL,
+        id TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        command_id TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        data BLOB NOT NULL,
+        headers BLOB,
+        reason TEXT NOT NULL,
+        failures INTEGER NOT NULL,
+        parked_at REAL NOT NULL,
+        PRIMARY KEY (kind, id, stream, seq)
+    ) WITHOUT ROWID""",
+    # Position in each input stream up to which everything is applied and committed.
+    """CREATE TABLE IF NOT EXISTS offsets (
+        stream TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+)

@@ -1,0 +1,348 @@
+"""The router's store on SQLite (aiosqlite, WAL): snapshots, dedupe, outbox, parking, offsets."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import aiosqlite
+import anyio
+import orjson
+
+from caresync.store.errors import StoreError, StoreSchemaError, map_sqlite_error
+from caresync.store.records import BatchWrite, ParkedRow, PendingEffect, StoredEntity
+from caresync.store.schema import DDL, PRAGMAS, SCHEMA_VERSION
+
+# SQLite's default limit on host parameters is 32766 in current builds; stay well below.
+_CHUNK = 500
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _dump_headers(headers: dict[str, str] | None) -> bytes | None:
+    return orjson.dumps(headers) if headers else None
+
+
+def _load_headers(raw: bytes | None) -> dict[str, str] | None:
+    return orjson.loads(raw) if raw else None
+
+
+class Store:
+    """One SQLite database; use as ``async with await Store.open(path) as store``.
+
+    Every write of a batch goes through :meth:`commit`, one transaction.  Reads used on the
+    hot path (:meth:`load_entities`, :meth:`applied_among`) take a whole batch of keys at once.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        # One connection serves every partition worker: transactions must not interleave.
+        self._write_lock = anyio.Lock()
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        busy_timeout_ms: int = 5000,
+    ) -> Store:
+        """Open (creating if needed) the database at ``path`` and migrate its schema."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None)
+            for pragma in PRAGMAS:
+                await conn.execute(pragma)
+            await conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            await conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            for stmt in DDL:
+                await conn.execute(stmt)
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, f"opening store {path}") from exc
+        store = cls(conn, path)
+        await store._check_version()
+        return store
+
+    async def _check_version(self) -> None:
+        async with self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'") as cur:
+            row = await cur.fetchone()
+        if row is None:
+            await self._conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreSchemaError(
+                f"store {self.path} has schema version {row[0]}, this caresync understands "
+                f"up to {SCHEMA_VERSION}"
+            )
+
+    async def close(self) -> None:
+        """Close the database (idempotent)."""
+        await self._conn.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- hot path -----------------------------------------------------------------------------
+    async def load_entities(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], StoredEntity]:
+        """Snapshots of the given (kind, id) keys that exist."""
+        found: dict[tuple[str, str], StoredEntity] = {}
+        try:
+            for chunk in _chunks(keys):
+                values = ",".join("(?, ?)" for _ in chunk)
+                params = [part for key in chunk for part in key]
+                async with self._conn.execute(
+                    "SELECT kind, id, state, parked, seq FROM entities "
+                    f"WHERE (kind, id) IN (VALUES {values})",
+                    params,
+                ) as cur:
+                    for kind, id_, state, parked, seq in await cur.fetchall():
+                        found[(kind, id_)] = StoredEntity(kind, id_, state, bool(parked), seq)
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "loading entities") from exc
+        return found
+
+    async def applied_among(self, command_ids: Sequence[str]) -> set[str]:
+        """The command ids among ``command_ids`` that already reached an outcome."""
+        seen: set[str] = set()
+        try:
+            for chunk in _chunks(command_ids):
+                marks = ",".join("?" * len(chunk))
+                async with self._conn.execute(
+                    f"SELECT command_id FROM applied WHERE command_id IN ({marks})", list(chunk)
+                ) as cur:
+                    seen.update(row[0] for row in await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "reading dedupe records") from exc
+        return seen
+
+    async def commit(self, write: BatchWrite) -> None:
+        """Write everything of one batch in one transaction, or nothing (raises StoreError)."""
+        if not write:
+            return
+        conn = self._conn
+        async with self._write_lock:
+            await self._commit_locked(conn, write)
+
+    async def _commit_locked(self, conn: aiosqlite.Connection, write: BatchWrite) -> None:
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                if write.entities:
+                    await conn.executemany(
+                        "INSERT INTO entities (kind, id, state, parked, seq) "
+                        "VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (kind, id) DO UPDATE SET state = excluded.state, "
+                        "parked = excluded.parked, seq = excluded.seq",
+                        [(r.kind, r.id, r.state, int(r.parked), r.seq) for r in write.entities],
+                    )
+                if write.applied:
+                    await conn.executemany(
+                        "INSERT OR IGNORE INTO applied "
+                        "(command_id, kind, entity, seq, outcome, reason, applied_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (
+                                a.command_id,
+                                a.kind,
+                                a.entity,
+                                a.seq,
+                                a.outcome,
+                                a.reason,
+                                a.applied_at,
+                            )
+                            for a in write.applied
+                        ],
+                    )
+                if write.outbox:
+                    now = time.time()
+                    await conn.executemany(
+                        "INSERT OR IGNORE INTO outbox (key, subject, payload, headers, created_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (o.key, o.subject, o.payload, _dump_headers(o.headers), now)
+                            for o in write.outbox
+                        ],
+                    )
+                if write.parked:
+                    await conn.executemany(
+                        "INSERT OR IGNORE INTO parked (kind, id, stream, seq, command_id, subject, "
+                        "data, headers, reason, failures, parked_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (
+                                p.kind,
+                                p.id,
+                                p.stream,
+                                p.seq,
+                                p.command_id,
+                                p.subject,
+                                p.data,
+                                _dump_headers(p.headers),
+                                p.reason,
+                                p.failures,
+                                p.parked_at,
+                            )
+                            for p in write.parked
+                        ],
+                    )
+                if write.sent:
+                    await conn.executemany(
+                        "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1 "
+                        "WHERE key = ?",
+                        [(at, key) for key, at in write.sent],
+                    )
+                if write.failed:
+                    await conn.executemany(
+                        "UPDATE outbox SET status = 'failed', error = ?, attempts = attempts + 1 "
+                        "WHERE key = ?",
+                        [(err, key) for key, err in write.failed],
+                    )
+                if write.offsets:
+                    await conn.executemany(
+                        "INSERT INTO offsets (stream, seq) VALUES (?, ?) "
+                        "ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)",
+                        list(write.offsets.items()),
+                    )
+                await conn.execute("COMMIT")
+            except BaseException:
+                await _rollback(conn)
+                raise
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "committing a batch") from exc
+
+    # -- reads for start-up, the CLI and tests ---------------------------------------------------
+    async def offset(self, stream: str) -> int:
+        """Highest stream sequence applied and committed (0 if none)."""
+        async with self._conn.execute("SELECT seq FROM offsets WHERE stream = ?", (stream,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def pending_effects(self, limit: int = 1000, after_seq: int = 0) -> list[PendingEffect]:
+        """Outbox rows not yet confirmed, oldest first."""
+        async with self._conn.execute(
+            "SELECT seq, key, subject, payload, headers, attempts FROM outbox "
+            "WHERE status = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            PendingEffect(seq, key, subject, payload, _load_headers(headers), attempts)
+            for seq, key, subject, payload, headers, attempts in rows
+        ]
+
+    async def entity(self, kind: str, id: str) -> StoredEntity | None:
+        """The snapshot of one entity, or None."""
+        found = await self.load_entities([(kind, id)])
+        return found.get((kind, id))
+
+    async def entities(self, kind: str | None = None) -> list[StoredEntity]:
+        """All snapshots (of one kind), ordered by kind and id."""
+        sql = "SELECT kind, id, state, parked, seq FROM entities"
+        params: tuple[str, ...] = ()
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            params = (kind,)
+        async with self._conn.execute(sql + " ORDER BY kind, id", params) as cur:
+            rows = await cur.fetchall()
+        return [StoredEntity(k, i, s, bool(p), q) for k, i, s, p, q in rows]
+
+    async def parked(self, kind: str | None = None, id: str | None = None) -> list[ParkedRow]:
+        """Parked messages, in the order they will be released."""
+        sql = (
+            "SELECT kind, id, stream, seq, command_id, subject, data, headers, reason, failures, "
+            "parked_at FROM parked"
+        )
+        params: list[str] = []
+        if kind is not None and id is not None:
+            sql += " WHERE kind = ? AND id = ?"
+            params = [kind, id]
+        async with self._conn.execute(sql + " ORDER BY kind, id, stream, seq", params) as cur:
+            rows = await cur.fetchall()
+        return [
+            ParkedRow(k, i, st, sq, c, su, d, _load_headers(h), r, f, at)
+            for k, i, st, sq, c, su, d, h, r, f, at in rows
+        ]
+
+    async def outcome(self, command_id: str) -> tuple[str, str] | None:
+        """(outcome, reason) recorded for a command id, or None."""
+        async with self._conn.execute(
+            "SELECT outcome, reason FROM applied WHERE command_id = ?", (command_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    async def counts(self) -> dict[str, int]:
+        """Row counts per table and outbox status, for status and health output."""
+        out: dict[str, int] = {}
+        for name, sql in (
+            ("entities", "SELECT count(*) FROM entities"),
+            ("parked_entities", "SELECT count(*) FROM entities WHERE parked = 1"),
+            ("parked_messages", "SELECT count(*) FROM parked"),
+            ("applied", "SELECT count(*) FROM applied"),
+            ("outbox_pending", "SELECT count(*) FROM outbox WHERE status = 'pending'"),
+            ("outbox_sent", "SELECT count(*) FROM outbox WHERE status = 'sent'"),
+            ("outbox_failed", "SELECT count(*) FROM outbox WHERE status = 'failed'"),
+        ):
+            async with self._conn.execute(sql) as cur:
+                row = await cur.fetchone()
+            out[name] = int(row[0]) if row else 0
+        return out
+
+    # -- maintenance ------------------------------------------------------------------------------
+    async def prune_applied(self, older_than: float) -> int:
+        """Forget dedupe records older than ``older_than`` (epoch seconds); returns how many."""
+        try:
+            cur = await self._conn.execute(
+                "DELETE FROM applied WHERE applied_at < ?", (older_than,)
+            )
+            return cur.rowcount
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "pruning dedupe records") from exc
+
+    async def reset_state(self) -> None:
+        """Drop derived state (snapshots, dedupe, parking, offsets); keep the effect ledger.
+
+        Used by ``replay rebuild``: the outbox keeps which effects were already sent, so the
+        rebuild does not send them again.
+        """
+        async with self._write_lock:
+            await self._reset_locked()
+
+    async def _reset_locked(self) -> None:
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            for table in ("entities", "applied", "parked", "offsets"):
+                await self._conn.execute(f"DELETE FROM {table}")
+            await self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await _rollback(self._conn)
+            raise map_sqlite_error(exc, "resetting state") from exc
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    # No transaction open, or the connection is gone: nothing was committed either way.
+    with contextlib.suppress(sqlite3.Error, ValueError):
+        await conn.execute("ROLLBACK")
+
+
+__all__ = ["Store", "StoreError"]
