@@ -1,5 +1,7 @@
-"""x."""
+"""The ``caresync`` command line (``caresync --help``)."""
 
+from __future__ import annotations
 
-def main() -> None:
-    print("hi")
+from caresync.cli.main import main
+
+__all__ = ["main"]

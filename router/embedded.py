@@ -54,6 +54,23 @@ def nats_server_binary() -> Path:
     )
 
 
+# On Linux the server is started through a tiny shim that asks the kernel to send it SIGTERM
+# when its parent dies (prctl PR_SET_PDEATHSIG survives exec), so that a router killed with
+# SIGKILL does not leave an orphan broker holding the port and the store.
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def _launch_command(binary: Path, config_path: Path) -> list[str]:
+    command = [str(binary), "-c", str(config_path)]
+    if sys.platform.startswith("linux"):
+        return [sys.executable, "-c", _PDEATHSIG_SHIM, *command]
+    return command
+
+
 def _conf_str(value: str) -> str:
     # JSON string syntax is a valid double-quoted string in the NATS config grammar.
     return json.dumps(value, ensure_ascii=False)
@@ -152,10 +169,13 @@ class EmbeddedNats:
         self._log = self._prepare_files()
         try:
             self._process = await anyio.open_process(
-                [str(binary), "-c", str(self.config_path)],
+                _launch_command(binary, self.config_path),
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=self._log,
+                # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the
+                # broker after the router has drained, not before.
+                start_new_session=True,
             )
         except OSError as exc:
             self._close_log()

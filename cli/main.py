@@ -1,0 +1,161 @@
+"""The ``caresync`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+
+from caresync.cli.common import CommandError, Context, load_context
+from caresync.config import ConfigError, dump_toml
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caresync",
+        description="Actor-based router keeping scheduling, billing, supply and ERP in sync.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir", help="data directory (default: $CARESYNC_DATA_DIR or ./.caresync)"
+    )
+    common.add_argument(
+        "--config", help="TOML config file (default: $CARESYNC_CONFIG or DIR/caresync.toml)"
+    )
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument(
+        "--nats", help="NATS URL (default: nats.url, or the one `caresync up` recorded)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up", parents=[client], help="run the router (embedded nats-server unless --nats)"
+    )
+    up.set_defaults(run=lambda a, c: _up(a, c))
+
+    health = sub.add_parser(
+        "health", parents=[client], help="exit 0 if the router is ready, 1 if not"
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    health.add_argument("--json", action="store_true", help="print the health record as JSON")
+    health.set_defaults(run=lambda a, c: _health(a, c))
+
+    status = sub.add_parser(
+        "status", parents=[client], help="router summary, or one entity's state"
+    )
+    status.add_argument("kind", nargs="?", help="entity kind (appointment, billing, supply, erp)")
+    status.add_argument("id", nargs="?", help="entity id")
+    status.add_argument("--json", action="store_true", help="JSON output")
+    status.set_defaults(run=lambda a, c: _status(a, c))
+
+    publish = sub.add_parser("publish", parents=[client], help="publish canonical JSON commands")
+    publish.add_argument(
+        "files", nargs="*", help="files of JSON envelopes (object, array or lines)"
+    )
+    publish.add_argument("--kind", help="inline command kind, e.g. appointment.book")
+    publish.add_argument("--entity", help="inline entity id")
+    publish.add_argument("--data", help="inline payload as JSON")
+    publish.add_argument("--id", help="inline command id (default: a new UUID)")
+    publish.add_argument("--json", action="store_true", help="one JSON object per message")
+    publish.set_defaults(run=lambda a, c: _publish(a, c))
+
+    replay = sub.add_parser("replay", help="rebuild state from the JetStream log")
+    replay_sub = replay.add_subparsers(dest="replay_command", required=True, metavar="ACTION")
+    rebuild = replay_sub.add_parser(
+        "rebuild", parents=[client], help="drop local state and rebuild it"
+    )
+    rebuild.add_argument("--json", action="store_true", help="JSON summary")
+    rebuild.set_defaults(run=lambda a, c: _rebuild(a, c))
+
+    bench = sub.add_parser(
+        "bench", parents=[common], help="benchmark on a fresh embedded deployment"
+    )
+    bench.add_argument("workload", nargs="?", default="fanout", choices=["fanout"])
+    bench.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
+    bench.add_argument("--m", type=int, default=2_000, help="entities (default 2000)")
+    bench.add_argument("--quick", action="store_true", help="small N for smoke tests")
+    bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.add_argument(
+        "--write-results", action="store_true", help="append the figures to bench/RESULTS.md"
+    )
+    bench.set_defaults(run=lambda a, c: _bench(a, c))
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser(
+        "show", parents=[common], help="print the effective config as TOML"
+    )
+    show.set_defaults(run=lambda a, c: _config_show(c))
+    return parser
+
+
+async def _up(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.up import run_up
+
+    return await run_up(ctx, args.nats)
+
+
+async def _health(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.ops import run_health
+
+    return await run_health(ctx, args.nats, args.timeout, args.json)
+
+
+async def _status(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.ops import run_status
+
+    if (args.kind is None) != (args.id is None):
+        raise CommandError("status takes no arguments (summary) or KIND and ID")
+    return await run_status(ctx, args.nats, args.kind, args.id, args.json)
+
+
+async def _publish(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.ops import build_envelope, run_publish
+
+    inline = None
+    if args.kind or args.entity:
+        if not (args.kind and args.entity):
+            raise CommandError("inline publish needs both --kind and --entity")
+        inline = build_envelope(args.kind, args.entity, args.data, args.id)
+    elif not args.files:
+        raise CommandError("nothing to publish: give FILE... or --kind/--entity")
+    return await run_publish(ctx, args.nats, args.files, inline, args.json)
+
+
+async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.replay import run_rebuild
+
+    return await run_rebuild(ctx, args.nats, args.json)
+
+
+async def _bench(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.bench.cli import run_bench
+
+    return await run_bench(args, ctx)
+
+
+async def _config_show(ctx: Context) -> int:
+    source = ctx.config_path or "defaults"
+    print(f"# effective configuration (from {source} and CARESYNC_* variables)")
+    print(dump_toml(ctx.config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``caresync`` command; exits with the command's status."""
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace, Context], Awaitable[int]] = args.run
+    try:
+        ctx = load_context(getattr(args, "data_dir", None), getattr(args, "config", None))
+        status = anyio.run(run, args, ctx, backend="asyncio")
+    except ConfigError as exc:
+        print(f"caresync: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except CommandError as exc:
+        print(f"caresync: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(status)

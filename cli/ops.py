@@ -1,0 +1,194 @@
+"""``caresync health``, ``status`` and ``publish``: the CLI as a NATS client of the router."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+
+from caresync.cli.common import (
+    CommandError,
+    Context,
+    connect_client,
+    print_json,
+    request_json,
+    resolve_url,
+)
+from caresync.codecs import CodecError, Envelope, decode_envelope, encode_envelope
+from caresync.router.service import subjects_for
+
+
+async def run_health(ctx: Context, nats_flag: str | None, timeout_s: float, as_json: bool) -> int:
+    """Exit 0 when the router answers ready, 1 otherwise, saying why."""
+    try:
+        url = resolve_url(ctx, nats_flag)
+        nc = await connect_client(url, timeout_s)
+        try:
+            subject = subjects_for(ctx.config).control("health")
+            health = await request_json(nc, subject, {}, timeout_s)
+        finally:
+            await nc.close()
+    except CommandError as exc:
+        if as_json:
+            print_json({"ready": False, "reason": str(exc)})
+        else:
+            print(f"not ready: {exc}")
+        return 1
+    if as_json:
+        print_json({**health, "url": url})
+    elif health.get("ready"):
+        parts = health.get("partitions", [])
+        live = sum(p.get("live_actors", 0) for p in parts)
+        seqs = ", ".join(f"{p['stream']}@{p['last_seq']}" for p in parts)
+        print(f"ready: router at {url}, {len(parts)} partition(s) [{seqs}], {live} live actors")
+    else:
+        print(f"not ready: the router at {url} is starting or stopping")
+    return 0 if health.get("ready") else 1
+
+
+async def run_status(
+    ctx: Context, nats_flag: str | None, kind: str | None, entity: str | None, as_json: bool
+) -> int:
+    """Print the router summary, or one entity's committed state."""
+    url = resolve_url(ctx, nats_flag)
+    nc = await connect_client(url)
+    try:
+        subject = subjects_for(ctx.config).control("status")
+        body = {"kind": kind or "", "id": entity or ""}
+        reply = await request_json(nc, subject, body, 5.0)
+    finally:
+        await nc.close()
+    if "error" in reply:
+        raise CommandError(reply["error"])
+    if as_json or kind:
+        print_json(reply)
+    else:
+        _print_summary(reply)
+    return 0 if reply.get("found", True) else 1
+
+
+def _print_summary(reply: dict[str, Any]) -> None:
+    health, counts = reply["health"], reply["counts"]
+    print(f"router: {'ready' if health['ready'] else 'not ready'}")
+    for p in health["partitions"]:
+        print(
+            f"  {p['stream']}: last seq {p['last_seq']}, accepted {p['accepted']}, "
+            f"duplicates {p['duplicates']}, rejected {p['rejected']}, "
+            f"dead letters {p['dead_lettered']}, parked {p['parked']}, live actors {p['live_actors']}"
+        )
+    print(
+        f"store: {counts['entities']} entities ({counts['parked_entities']} parked), "
+        f"outbox {counts['outbox_sent']} sent / {counts['outbox_pending']} pending / "
+        f"{counts['outbox_failed']} failed"
+    )
+
+
+def _documents(path: Path) -> Iterator[tuple[int, bytes]]:
+    """JSON documents of a file: one object, an array of objects, or JSON lines."""
+    raw = path.read_bytes()
+    stripped = raw.strip()
+    if stripped.startswith(b"["):
+        try:
+            items = orjson.loads(stripped)
+        except orjson.JSONDecodeError as exc:
+            yield 0, raw  # let the envelope decoder report it
+            del exc
+            return
+        for i, item in enumerate(items):
+            yield i, orjson.dumps(item)
+        return
+    try:
+        orjson.loads(stripped)
+        yield 0, stripped
+        return
+    except orjson.JSONDecodeError:
+        pass
+    for i, line in enumerate(ln for ln in raw.splitlines() if ln.strip()):
+        yield i, line
+
+
+def build_envelope(kind: str, entity: str, data: str | None, command_id: str | None) -> bytes:
+    """A canonical JSON envelope from command-line parts."""
+    try:
+        payload = orjson.loads(data) if data else None
+    except orjson.JSONDecodeError as exc:
+        raise CommandError(f"--data is not valid JSON: {exc}") from exc
+    doc: dict[str, Any] = {
+        "id": command_id or str(uuid.uuid4()),
+        "kind": kind,
+        "entity": entity,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "source": "caresync-cli",
+    }
+    if payload is not None:
+        doc["data"] = payload
+    return orjson.dumps(doc)
+
+
+async def run_publish(
+    ctx: Context, nats_flag: str | None, files: list[str], inline: bytes | None, as_json: bool
+) -> int:
+    """Publish canonical envelopes to their input subjects; one line per message."""
+    subjects = subjects_for(ctx.config)
+    items: list[tuple[str, int, bytes]] = []
+    if inline is not None:
+        items.append(("<command line>", 0, inline))
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise CommandError(f"{name}: no such file")
+        items.extend((name, i, doc) for i, doc in _documents(path))
+    url = resolve_url(ctx, nats_flag)
+    nc = await connect_client(url)
+    js = nc.jetstream()
+    failures = 0
+    try:
+        for source, index, data in items:
+            line: dict[str, Any] = {"file": source, "index": index}
+            try:
+                env, _ = decode_envelope(data)
+            except CodecError as exc:
+                failures += 1
+                line |= {"verdict": "rejected", "reason": exc.reason}
+                _emit(line, as_json)
+                continue
+            line |= await _publish_one(js, subjects.command(env.entity_kind, env.entity), env, data)
+            if line["verdict"] == "failed":
+                failures += 1
+            _emit(line, as_json)
+    finally:
+        await nc.close()
+    return 1 if failures else 0
+
+
+async def _publish_one(js: Any, subject: str, env: Envelope, data: bytes) -> dict[str, Any]:
+    base = {"kind": env.kind, "entity": env.entity, "id": env.id}
+    try:
+        ack = await js.publish(subject, data, timeout=5.0, headers={"Nats-Msg-Id": env.id})
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        return base | {"verdict": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    verdict = "duplicate" if ack.duplicate else "published"
+    return base | {"verdict": verdict, "stream": ack.stream, "seq": ack.seq}
+
+
+def _emit(line: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(line).decode(), flush=True)
+        return
+    where = f"{line['file']}#{line['index']}"
+    if line["verdict"] in ("published", "duplicate"):
+        print(
+            f"{where}: {line['verdict']} {line['kind']} {line['entity']} "
+            f"(id {line['id']}, {line['stream']} seq {line['seq']})"
+        )
+    else:
+        print(f"{where}: {line['verdict']}: {line['reason']}")
+
+
+__all__ = ["build_envelope", "encode_envelope", "run_health", "run_publish", "run_status"]

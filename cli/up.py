@@ -1,0 +1,89 @@
+"""``caresync up``: the embedded broker (unless ``--nats``), the router, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import AsyncExitStack
+
+import anyio
+from anyio.abc import TaskStatus
+
+from caresync.cli.common import CommandError, Context
+from caresync.cli.datadir import (
+    DataDirError,
+    DataDirLock,
+    remove_server_record,
+    write_server_record,
+)
+from caresync.codecs import Subjects
+from caresync.router.embedded import EmbeddedNats
+from caresync.router.logs import configure_logging
+from caresync.router.service import RouterService, subjects_for
+
+
+def mappings_config(subjects: Subjects) -> str:
+    """nats-server config for the partition mappings (empty with one partition)."""
+    mappings = subjects.partition_mappings()
+    if not mappings:
+        return ""
+    lines = "\n".join(f'  "{src}": "{dst}"' for src, dst in mappings.items())
+    return f"mappings {{\n{lines}\n}}\n"
+
+
+async def run_up(ctx: Context, nats_url: str | None) -> int:
+    """Run until a signal; exit status 0 after a clean stop."""
+    cfg = ctx.config
+    configure_logging(cfg.log.level, cfg.log.format)
+    lock = DataDirLock(ctx.data_dir)
+    try:
+        lock.acquire("caresync up")
+    except DataDirError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        async with AsyncExitStack() as stack:
+            url = nats_url or cfg.nats.url
+            embedded: EmbeddedNats | None = None
+            if not url:
+                embedded = EmbeddedNats(
+                    ctx.data_dir, extra_config=mappings_config(subjects_for(cfg))
+                )
+                await embedded.start()
+                # Stopped last: after the router has drained and committed.
+                stack.push_async_callback(embedded.stop, 1.5)
+                url = embedded.url
+            service = RouterService(cfg, nats_url=url, data_dir=ctx.data_dir)
+            async with anyio.create_task_group() as tg:
+                signals = anyio.CancelScope()
+                tg.start_soon(_stop_on_signal, service, signals)
+
+                async def serve(*, task_status: TaskStatus[None]) -> None:
+                    try:
+                        await service.run(task_status=task_status)
+                    finally:
+                        signals.cancel()
+
+                await tg.start(serve)
+                write_server_record(ctx.data_dir, url, embedded=embedded is not None)
+                where = "embedded nats-server" if embedded else "NATS"
+                print(
+                    f"caresync up: router ready, {where} at {url}, data in {ctx.data_dir}",
+                    flush=True,
+                )
+        remove_server_record(ctx.data_dir)
+        print("caresync up: stopped", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        lock.release()
+
+
+async def _stop_on_signal(service: RouterService, scope: anyio.CancelScope) -> None:
+    with scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        # Keep the handler installed while draining: a second signal must not kill us midway.
+        async for signum in received:
+            print(
+                f"caresync up: {signal.Signals(signum).name} received, stopping",
+                file=sys.stderr,
+                flush=True,
+            )
+            service.stop()

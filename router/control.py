@@ -1,0 +1,109 @@
+"""Control requests over NATS: ``<prefix>.ctl.health`` and ``<prefix>.ctl.status``.
+
+Request/reply, JSON both ways, served by the router itself so that the CLI works the same
+against the embedded broker and a remote cluster.  Replies are never stored in a stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+import orjson
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from caresync.actors.contract import Registry
+from caresync.codecs import Subjects
+from caresync.router.runtime import Router
+from caresync.store import Store
+
+log = structlog.get_logger("caresync.control")
+
+
+class StatusRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """Body of a status request; both empty asks for the router summary."""
+
+    kind: str = ""
+    id: str = ""
+
+
+_status_decoder = msgspec.json.Decoder(StatusRequest)
+
+
+class ControlResponder:
+    """Answers control requests for one router."""
+
+    def __init__(
+        self, nc: NatsClient, router: Router, store: Store, registry: Registry, subjects: Subjects
+    ):
+        self._nc = nc
+        self._router = router
+        self._store = store
+        self._registry = registry
+        self._subjects = subjects
+        self._state_decoders = {
+            name: msgspec.msgpack.Decoder(kind.state_type) for name, kind in registry.kinds.items()
+        }
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled."""
+        sub = await self._nc.subscribe(self._subjects.control("*"), queue="caresync-router")
+        task_status.started()
+        try:
+            async for msg in sub.messages:
+                try:
+                    reply = await self._handle(msg)
+                except Exception as exc:  # a bad request must never take the router down
+                    log.warning("control_request_failed", subject=msg.subject, error=str(exc))
+                    reply = {"error": f"{type(exc).__name__}: {exc}"}
+                if msg.reply:
+                    await msg.respond(orjson.dumps(reply))
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not self._nc.is_closed:
+                    await sub.unsubscribe()
+
+    async def _handle(self, msg: Msg) -> dict[str, Any]:
+        op = msg.subject.rsplit(".", 1)[-1]
+        if op == "health":
+            return self._router.health()
+        if op == "status":
+            req = _status_decoder.decode(msg.data) if msg.data.strip() else StatusRequest()
+            if not req.kind:
+                return {"health": self._router.health(), "counts": await self._store.counts()}
+            return await self.entity_status(req.kind, req.id)
+        return {"error": f"unknown control operation {op!r}; known: health, status"}
+
+    async def entity_status(self, kind: str, entity: str) -> dict[str, Any]:
+        """The committed state of one entity, and its parked messages."""
+        spec = self._registry.get(kind)
+        if spec is None:
+            known = ", ".join(sorted(self._registry.kinds))
+            return {"error": f"unknown entity kind {kind!r}; known: {known}"}
+        stored = await self._store.entity(kind, entity)
+        if stored is None:
+            return {"found": False, "kind": kind, "id": entity}
+        state = self._state_decoders[kind].decode(stored.state)
+        parked = await self._store.parked(kind, entity)
+        return {
+            "found": True,
+            "kind": kind,
+            "id": entity,
+            "state": msgspec.to_builtins(state),
+            "parked": stored.parked,
+            "last_seq": stored.seq,
+            "parked_messages": [
+                {
+                    "seq": p.seq,
+                    "command_id": p.command_id,
+                    "reason": p.reason,
+                    "failures": p.failures,
+                }
+                for p in parked
+            ],
+        }
