@@ -133,7 +133,8 @@ async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:
 async def _bench(args: argparse.Namespace, ctx: Context) -> int:
     from caresync.bench.cli import run_bench
 
-    return await run_bench(args, ctx)
+    status: int = await run_bench(args, ctx)
+    return status
 
 
 async def _config_show(ctx: Context) -> int:

@@ -80,7 +80,8 @@ def _print_summary(reply: dict[str, Any]) -> None:
         print(
             f"  {p['stream']}: last seq {p['last_seq']}, accepted {p['accepted']}, "
             f"duplicates {p['duplicates']}, rejected {p['rejected']}, "
-            f"dead letters {p['dead_lettered']}, parked {p['parked']}, live actors {p['live_actors']}"
+            f"dead letters {p['dead_lettered']}, parked {p['parked']}, "
+            f"live actors {p['live_actors']}"
         )
     print(
         f"store: {counts['entities']} entities ({counts['parked_entities']} parked), "

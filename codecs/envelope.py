@@ -96,7 +96,8 @@ def sniff_format(data: bytes) -> WireFormat:
     if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):  # fixmap, map16, map32
         return WireFormat.MSGPACK
     raise DecodeError(
-        f"payload starts with byte 0x{first:02x} at offset 0: expected a JSON object or a msgpack map"
+        f"payload starts with byte 0x{first:02x} at offset 0: "
+        "expected a JSON object or a msgpack map"
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from caresync.actors.contract import Accepted, Effect, EntityKind, Rejected
 from caresync.router.decoding import Prepared
@@ -113,8 +113,8 @@ class EntityActor:
     last_used: float = field(default_factory=time.monotonic)
     load_error: str = ""
     """Set when the stored state could not be read: every message parks with this reason."""
-    _send: ObjectSendStream[Delivery] = field(init=False, repr=False)
-    _receive: ObjectReceiveStream[Delivery] = field(init=False, repr=False)
+    _send: MemoryObjectSendStream[Delivery] = field(init=False, repr=False)
+    _receive: MemoryObjectReceiveStream[Delivery] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # The batch window bounds what can be queued here: the dispatcher never waits on a

@@ -66,8 +66,8 @@ _PDEATHSIG_SHIM = (
 
 def _launch_command(binary: Path, config_path: Path) -> list[str]:
     command = [str(binary), "-c", str(config_path)]
-    if sys.platform.startswith("linux"):
-        return [sys.executable, "-c", _PDEATHSIG_SHIM, *command]
+    if sys.platform == "linux":
+        command = [sys.executable, "-c", _PDEATHSIG_SHIM, *command]
     return command
 
 

@@ -285,8 +285,8 @@ class JetStreamTransport:
             elif not fut.done():
                 fut.cancel()
                 results.append(PublishResult(m.key, PublishStatus.RETRY, "no PubAck in time"))
-            elif (exc := fut.exception()) is not None:
-                results.append(PublishResult(m.key, _classify(exc), _describe(exc)))
+            elif (failure := fut.exception()) is not None:
+                results.append(PublishResult(m.key, _classify(failure), _describe(failure)))
             else:
                 ack = fut.result()
                 status = PublishStatus.DUPLICATE if ack.duplicate else PublishStatus.STORED

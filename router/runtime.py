@@ -7,7 +7,7 @@ in-memory transport.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -29,7 +29,7 @@ log = structlog.get_logger("caresync.router")
 class RouterSettings:
     """Router-wide knobs; the per-partition ones are in :class:`WorkerSettings`."""
 
-    worker: WorkerSettings = WorkerSettings()
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     publish_timeout_s: float = 5.0
     publish_retry_initial_s: float = 0.05
     publish_retry_max_s: float = 5.0

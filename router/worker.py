@@ -95,7 +95,7 @@ class WorkerStats:
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
-        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(frozen=True, slots=True)

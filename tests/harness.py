@@ -1,0 +1,145 @@
+"""Helpers for integration tests against the real nats-server (imported by test modules)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import msgspec
+from nats.js import JetStreamContext, api
+
+from caresync.codecs import Subjects, encode_envelope, make_envelope
+from caresync.config import Config, load_config
+
+
+def make_config(prefix: str, **sections: dict[str, object]) -> Config:
+    """Defaults with this test's own subject/stream prefix, plus section overrides."""
+    cfg = load_config(None, environ={})
+    streams = msgspec.structs.replace(
+        cfg.streams,
+        subject_prefix=prefix,
+        stream_prefix=prefix.upper(),
+        **sections.pop("streams", {}),
+    )
+    cfg = msgspec.structs.replace(cfg, streams=streams)
+    for name, values in sections.items():
+        cfg = msgspec.structs.replace(
+            cfg, **{name: msgspec.structs.replace(getattr(cfg, name), **values)}
+        )
+    return cfg
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], *, timeout_s: float = 20.0, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout_s``."""
+    try:
+        with anyio.fail_after(timeout_s):
+            while not await predicate():
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """One command of a workload."""
+
+    subject: str
+    data: bytes
+    command_id: str
+    appointment: str
+    name: str
+
+
+ITEMS = ("gauze", "suture")
+STEPS = ("book", "reschedule", "reschedule", "reschedule", "complete")
+
+
+def appointment_workload(prefix: str, appointments: int, seed: int = 7) -> list[Sent]:
+    """Each appointment: book, 3 reschedules (dates increasing), complete; interleaved at random.
+
+    Per-entity order is kept (that is what a source system guarantees); across entities the
+    order is shuffled.  Applied out of order, a reschedule before its booking is rejected, and
+    the final dates would differ — which is what the order tests look for.
+    """
+    rng = random.Random(seed)
+    subjects = Subjects(prefix=prefix, stream_prefix=prefix.upper())
+    per_entity: list[list[Sent]] = []
+    base = datetime(2027, 1, 1, tzinfo=UTC)
+    for a in range(appointments):
+        appt = f"A{a}"
+        seq = []
+        for step, name in enumerate(STEPS):
+            payload: dict[str, object] | None
+            if name == "book":
+                payload = {
+                    "procedure": "knee",
+                    "facility": f"F{a % 3}",
+                    "date": "2027-01-01",
+                    "items": list(ITEMS),
+                }
+            elif name == "reschedule":
+                payload = {"date": f"2027-02-{step:02d}"}
+            else:
+                payload = None
+            cid = f"{appt}-{step}"
+            env = make_envelope(
+                id=cid,
+                kind=f"appointment.{name}",
+                entity=appt,
+                payload=payload,
+                occurred_at=base + timedelta(minutes=step),
+            )
+            seq.append(
+                Sent(subjects.command("appointment", appt), encode_envelope(env), cid, appt, name)
+            )
+        per_entity.append(seq)
+    order: list[Sent] = []
+    cursors = [0] * len(per_entity)
+    live = list(range(len(per_entity)))
+    while live:
+        i = rng.choice(live)
+        order.append(per_entity[i][cursors[i]])
+        cursors[i] += 1
+        if cursors[i] == len(per_entity[i]):
+            live.remove(i)
+    return order
+
+
+FANOUT_PER_COMMAND = 1 + len(ITEMS) + 1  # billing, one supply per item, erp
+
+
+async def publish_all(js: JetStreamContext, sent: list[Sent], *, msg_id: bool = True) -> None:
+    """Publish with PubAcks, in order."""
+    for s in sent:
+        headers = {"Nats-Msg-Id": s.command_id} if msg_id else None
+        await js.publish(s.subject, s.data, headers=headers)
+
+
+async def stream_messages(
+    js: JetStreamContext, stream: str, subject_filter: str
+) -> list[api.RawStreamMsg]:
+    """Every message of ``stream`` on ``subject_filter`` (read directly, in order)."""
+    info = await js.stream_info(stream)
+    out = []
+    seq = 1
+    while seq <= info.state.last_seq:
+        try:
+            msg = await js.get_msg(stream, seq=seq, next=True, subject=subject_filter)
+        except Exception:
+            break
+        if msg.seq is None:
+            break
+        out.append(msg)
+        seq = msg.seq + 1
+    return out
+
+
+async def count_on(js: JetStreamContext, stream: str, subject_filter: str) -> int:
+    """How many messages ``stream`` holds on ``subject_filter``."""
+    info = await js.stream_info(stream, subjects_filter=subject_filter)
+    return sum((info.state.subjects or {}).values())

@@ -1,0 +1,305 @@
+"""The router on the real nats-server: order, dedupe beyond the window, dead letters, parking,
+and rebuild — each test with its own subject and stream prefix on the session server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+import pytest
+from harness import (
+    FANOUT_PER_COMMAND,
+    appointment_workload,
+    count_on,
+    make_config,
+    publish_all,
+    stream_messages,
+    wait_for,
+)
+from nats.aio.client import Client as NatsClient
+
+from caresync.actors import Accepted, EntityKind, Registry, default_registry
+from caresync.actors.appointment import AppointmentState
+from caresync.codecs import encode_envelope, make_envelope
+from caresync.config import Config
+from caresync.router.replay import rebuild
+from caresync.router.service import RouterService, make_transport, open_store, subjects_for
+from caresync.router.worker import WorkerSettings
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def running(
+    cfg: Config, url: str, data_dir: Path, registry: Registry | None = None
+) -> AsyncIterator[RouterService]:
+    service = RouterService(cfg, nats_url=url, data_dir=data_dir, registry=registry)
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        try:
+            yield service
+        finally:
+            service.stop()
+
+
+@asynccontextmanager
+async def client(url: str) -> AsyncIterator[NatsClient]:
+    nc = await nats.connect(url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+def stats(service: RouterService) -> dict[str, int]:
+    assert service.router is not None
+    totals: dict[str, int] = {}
+    for worker in service.router.workers:
+        for key, value in worker.stats.as_dict().items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+async def appointment_states(cfg: Config, data_dir: Path) -> dict[str, AppointmentState]:
+    async with await open_store(cfg, data_dir) as store:
+        rows = await store.entities("appointment")
+    return {r.id: msgspec.msgpack.decode(r.state, type=AppointmentState) for r in rows}
+
+
+async def test_per_entity_order_with_many_entities_interleaved(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(unique_prefix, router={"batch_size": 64})
+    sent = appointment_workload(unique_prefix, appointments=300)
+    subjects = subjects_for(cfg)
+    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        await publish_all(nc.jetstream(), sent)
+        expected = len(sent) * (1 + FANOUT_PER_COMMAND)
+
+        async def all_applied() -> bool:
+            return stats(service)["accepted"] >= expected
+
+        await wait_for(all_applied, what=f"{expected} accepted commands")
+        assert stats(service)["rejected"] == 0  # an out-of-order apply would be rejected
+        internal = await count_on(
+            nc.jetstream(), subjects.input_stream(0), f"{unique_prefix}.int.>"
+        )
+        assert internal == len(sent) * FANOUT_PER_COMMAND
+    states = await appointment_states(cfg, tmp_path)
+    assert len(states) == 300
+    for state in states.values():
+        assert (state.status, state.date, state.version) == ("completed", "2027-02-03", 5)
+
+
+async def test_duplicates_are_noops_after_the_jetstream_window(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(unique_prefix, streams={"duplicate_window_s": 1.0})
+    sent = appointment_workload(unique_prefix, appointments=1)
+    book = sent[0]
+    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        js = nc.jetstream()
+        await js.publish(book.subject, book.data, headers={"Nats-Msg-Id": book.command_id})
+
+        async def booked() -> bool:
+            return stats(service)["accepted"] == 1 + FANOUT_PER_COMMAND
+
+        await wait_for(booked, what="the booking")
+
+        # Re-send with the same Msg-Id until JetStream has forgotten it (its window is 1 s):
+        # the stream then stores it again, and only the router's own dedupe stands.
+        async def stored_again() -> bool:
+            ack = await js.publish(
+                book.subject, book.data, headers={"Nats-Msg-Id": book.command_id}
+            )
+            return not ack.duplicate
+
+        await wait_for(stored_again, timeout_s=10, what="JetStream to forget the Msg-Id")
+
+        async def deduped() -> bool:
+            return stats(service)["duplicates"] >= 1
+
+        await wait_for(deduped, what="the router to see the duplicate")
+        assert stats(service)["accepted"] == 1 + FANOUT_PER_COMMAND
+        assert stats(service)["rejected"] == 0
+    states = await appointment_states(cfg, tmp_path)
+    assert states["A0"].version == 1
+
+
+async def test_bad_input_is_dead_lettered_with_raw_bytes_and_the_router_keeps_going(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(unique_prefix)
+    subjects = subjects_for(cfg)
+    good = appointment_workload(unique_prefix, appointments=1)[0]
+    bad: list[tuple[str, bytes, str]] = [
+        (subjects.command("appointment", "X1"), b"{not json", "malformed json"),
+        (
+            subjects.command("appointment", "X2"),
+            b'{"kind":"appointment.book","entity":"X2","occurred_at":"2026-01-01T00:00:00Z"}',
+            "`id`",
+        ),
+        (
+            f"{unique_prefix}.in.spaceship.S1",
+            encode_envelope(make_envelope(id="s1", kind="spaceship.launch", entity="S1")),
+            "unknown entity kind 'spaceship'",
+        ),
+        (
+            subjects.command("appointment", "X3"),
+            encode_envelope(
+                make_envelope(
+                    id="x3",
+                    kind="appointment.book",
+                    entity="X3",
+                    schema_version=99,
+                    payload={"procedure": "p", "facility": "F", "date": "d"},
+                )
+            ),
+            "schema_version 99",
+        ),
+        (
+            subjects.command("appointment", "X4"),
+            "\u202e<script>\x00\r\nEvil: 1".encode(),
+            "payload starts with byte",
+        ),
+    ]
+    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        js = nc.jetstream()
+        for subject, data, _ in bad:
+            await js.publish(subject, data)
+        await js.publish(good.subject, good.data)
+
+        async def done() -> bool:
+            s = stats(service)
+            return s["dead_lettered"] == len(bad) and s["accepted"] == 1 + FANOUT_PER_COMMAND
+
+        await wait_for(done, what="dead letters and the good booking")
+        letters = await stream_messages(js, subjects.dead_letter_stream, f"{unique_prefix}.dlq.>")
+        await wait_for(
+            lambda: _count(js, subjects.dead_letter_stream, unique_prefix, len(bad)),
+            what="dead letters to be published",
+        )
+        letters = await stream_messages(js, subjects.dead_letter_stream, f"{unique_prefix}.dlq.>")
+    assert [m.data for m in letters] == [data for _, data, _ in bad]
+    for message, (subject, _, fragment) in zip(letters, bad, strict=True):
+        headers: dict[str, Any] = message.headers or {}
+        assert fragment in headers["Caresync-Reason"], headers
+        assert headers["Caresync-Subject"] == subject
+        assert "\n" not in headers["Caresync-Reason"]
+
+
+async def _count(js: Any, stream: str, prefix: str, n: int) -> bool:
+    return await count_on(js, stream, f"{prefix}.dlq.>") >= n
+
+
+class Poke(msgspec.Struct, frozen=True):
+    poison: bool = False
+
+
+class Pokes(msgspec.Struct, frozen=True):
+    id: str
+    count: int = 0
+
+
+class Poked(msgspec.Struct, frozen=True):
+    pass
+
+
+def _decide(state: Pokes, command: Any) -> Accepted[Poked]:
+    if command.payload.poison:
+        raise ValueError(f"cannot digest {command.id}")
+    return Accepted(events=(Poked(),))
+
+
+POKE = EntityKind(
+    name="poke",
+    state_type=Pokes,
+    commands={"poke": Poke},
+    initial=lambda entity: Pokes(id=entity),
+    decide=_decide,
+    evolve=lambda state, event: Pokes(id=state.id, count=state.count + 1),
+)
+
+
+async def test_a_poison_message_parks_its_entity_and_others_keep_flowing(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(
+        unique_prefix,
+        supervision={"max_failures": 3, "backoff_initial_ms": 1.0, "backoff_max_ms": 5.0},
+    )
+    registry = Registry.of(*default_registry().kinds.values(), POKE)
+    subjects = subjects_for(cfg)
+
+    def poke(entity: str, n: int, poison: bool = False) -> tuple[str, bytes]:
+        env = make_envelope(
+            id=f"{entity}-{n}", kind="poke.poke", entity=entity, payload={"poison": poison}
+        )
+        return subjects.command("poke", entity), encode_envelope(env)
+
+    async with running(cfg, nats_url, tmp_path, registry) as service, client(nats_url) as nc:
+        js = nc.jetstream()
+        sequence = [poke("sick", 0), poke("sick", 1, poison=True), poke("sick", 2)]
+        sequence += [poke(f"well{i}", n) for n in range(5) for i in range(20)]
+        for subject, data in sequence:
+            await js.publish(subject, data)
+
+        async def flowed() -> bool:
+            s = stats(service)
+            return s["accepted"] == 1 + 100 and s["parked"] == 2
+
+        await wait_for(flowed, what="healthy entities to finish and the sick one to park")
+        async with await open_store(cfg, tmp_path) as store:
+            parked = await store.parked("poke", "sick")
+            sick = await store.entity("poke", "sick")
+            wells = [await store.entity("poke", f"well{i}") for i in range(20)]
+    assert [p.command_id for p in parked] == ["sick-1", "sick-2"]
+    assert "ValueError: cannot digest sick-1" in parked[0].reason
+    assert parked[0].failures == 3
+    assert sick is not None and sick.parked
+    assert msgspec.msgpack.decode(sick.state, type=Pokes).count == 1
+    for well in wells:
+        assert well is not None and msgspec.msgpack.decode(well.state, type=Pokes).count == 5
+
+
+async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(unique_prefix, router={"batch_size": 50})
+    subjects = subjects_for(cfg)
+    sent = appointment_workload(unique_prefix, appointments=60)
+    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        await publish_all(nc.jetstream(), sent)
+        expected = len(sent) * (1 + FANOUT_PER_COMMAND)
+
+        async def applied() -> bool:
+            return stats(service)["accepted"] == expected
+
+        await wait_for(applied, what="the live run")
+    async with await open_store(cfg, tmp_path) as store:
+        live = [(e.kind, e.id, e.state) for e in await store.entities()]
+        assert (await store.counts())["outbox_pending"] == 0
+    async with client(nats_url) as nc:
+        js = nc.jetstream()
+        out_before = (await js.stream_info(subjects.output_stream)).state.messages
+        in_before = (await js.stream_info(subjects.input_stream(0))).state.messages
+        async with await open_store(cfg, tmp_path) as store:
+            report = await rebuild(
+                transport=make_transport(nc, cfg),
+                store=store,
+                registry=default_registry(),
+                subjects=subjects,
+                settings=WorkerSettings.from_config(cfg),
+            )
+            rebuilt = [(e.kind, e.id, e.state) for e in await store.entities()]
+            counts = await store.counts()
+        assert (await js.stream_info(subjects.output_stream)).state.messages == out_before
+        assert (await js.stream_info(subjects.input_stream(0))).state.messages == in_before
+    assert report.messages == in_before
+    assert rebuilt == live
+    assert counts["outbox_pending"] == 0
