@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 import nats.errors
 import orjson
@@ -66,14 +67,17 @@ async def connect_client(url: str, timeout_s: float = 3.0) -> NatsClient:
         return None
 
     try:
-        return await nats.connect(
-            url,
-            connect_timeout=timeout_s,
-            allow_reconnect=False,
-            max_reconnect_attempts=0,
-            error_cb=quiet,
-            name="caresync-cli",
-        )
+        # nats-py treats max_reconnect_attempts=0 as "keep trying": allow one, bounded in time.
+        with anyio.fail_after(timeout_s * 2 + 1):
+            return await nats.connect(
+                url,
+                connect_timeout=timeout_s,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                error_cb=quiet,
+                name="caresync-cli",
+            )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise CommandError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from exc
 

@@ -261,10 +261,12 @@ async def test_a_poison_message_parks_its_entity_and_others_keep_flowing(
     assert [p.command_id for p in parked] == ["sick-1", "sick-2"]
     assert "ValueError: cannot digest sick-1" in parked[0].reason
     assert parked[0].failures == 3
-    assert sick is not None and sick.parked
+    assert sick is not None
+    assert sick.parked
     assert msgspec.msgpack.decode(sick.state, type=Pokes).count == 1
     for well in wells:
-        assert well is not None and msgspec.msgpack.decode(well.state, type=Pokes).count == 5
+        assert well is not None
+        assert msgspec.msgpack.decode(well.state, type=Pokes).count == 5
 
 
 async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(

@@ -1,0 +1,170 @@
+"""The command line as a user runs it: ``caresync up`` embedded, health, publish, status, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CARESYNC = str(Path(sys.executable).parent / "caresync")
+
+
+def run(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
+    return subprocess.run(
+        [CARESYNC, *args], capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+    )
+
+
+def wait_until(check: object, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
+    with (tmp_path / "up.log").open("w") as log:
+        up = subprocess.Popen(
+            [CARESYNC, "up", "--data-dir", str(data)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
+    try:
+        assert up.stdout is not None
+        line = up.stdout.readline()
+        assert "router ready" in line
+        assert "nats://127.0.0.1:" in line
+        record = json.loads((data / "server.json").read_text())
+        assert record["url"] in line
+        nats_pid = int(next((data).glob("*.ports")).stem.rsplit("_", 1)[1])
+
+        health = run("health", "--data-dir", str(data))
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert health.stdout.startswith("ready:")
+
+        book = run(
+            "publish",
+            "--data-dir",
+            str(data),
+            "--kind",
+            "appointment.book",
+            "--entity",
+            "HOSP:A 1.5",
+            "--id",
+            "cmd-1",
+            "--data",
+            '{"procedure": "knee", "facility": "F1", "date": "2027-03-01", "items": ["gauze"]}',
+        )
+        assert book.returncode == 0, book.stdout + book.stderr
+        assert "published appointment.book HOSP:A 1.5" in book.stdout
+        again = run(
+            "publish",
+            "--data-dir",
+            str(data),
+            "--kind",
+            "appointment.book",
+            "--entity",
+            "HOSP:A 1.5",
+            "--id",
+            "cmd-1",
+            "--json",
+        )
+        assert json.loads(again.stdout)["verdict"] == "duplicate"
+
+        def booked() -> bool:
+            status = run("status", "--data-dir", str(data), "appointment", "HOSP:A 1.5")
+            return (
+                status.returncode == 0 and json.loads(status.stdout)["state"]["status"] == "booked"
+            )
+
+        wait_until(booked)
+        summary = run("status", "--data-dir", str(data))
+        assert "router: ready" in summary.stdout
+        missing = run("status", "--data-dir", str(data), "appointment", "nope")
+        assert missing.returncode == 1
+        assert json.loads(missing.stdout)["found"] is False
+
+        started = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=10) == 0
+        assert time.monotonic() - started < 10
+        wait_until(lambda: not pid_alive(nats_pid), timeout_s=5)
+        assert not (data / "server.json").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        assert up.stdout is not None
+        up.stdout.close()
+    after = run("health", "--data-dir", str(data))
+    assert after.returncode == 1
+    assert "not ready" in after.stdout
+
+
+def test_health_says_why_when_nothing_listens(tmp_path: Path) -> None:
+    result = run("health", "--nats", "nats://127.0.0.1:1", "--timeout", "1")
+    assert result.returncode == 1
+    assert "cannot reach NATS at nats://127.0.0.1:1" in result.stdout
+
+
+def test_a_config_error_stops_start_up_naming_key_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[router]\nbatch_sise = 10\n")
+    result = run("up", "--data-dir", str(tmp_path / "d"), "--config", str(config))
+    assert result.returncode == 2
+    assert "router.batch_sise" in result.stderr
+    assert str(config) in result.stderr or "bad.toml" in result.stderr
+
+
+def test_a_second_router_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
+    up = subprocess.Popen(
+        [CARESYNC, "up", "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert up.stdout is not None
+        assert "router ready" in up.stdout.readline()
+        second = run("up", "--data-dir", str(data))
+        assert second.returncode == 1
+        assert "in use by caresync up" in second.stderr
+        rebuild = run("replay", "rebuild", "--data-dir", str(data))
+        assert rebuild.returncode == 1
+        assert "must be stopped" in rebuild.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=10)
+        assert up.stdout is not None
+        up.stdout.close()
+
+
+@pytest.mark.parametrize("args", [["status", "appointment"], ["publish"]])
+def test_usage_errors_exit_nonzero(tmp_path: Path, args: list[str]) -> None:
+    result = run(*args, "--data-dir", str(tmp_path))
+    assert result.returncode != 0
+    assert result.stderr
