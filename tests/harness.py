@@ -38,7 +38,7 @@ async def wait_for(
     """Poll ``predicate`` until true; fail with ``what`` after ``timeout_s``."""
     try:
         with anyio.fail_after(timeout_s):
-            while not await predicate():
+            while not await predicate():  # noqa: ASYNC110 - polls NATS/SQLite state with a deadline
                 await anyio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
