@@ -45,8 +45,10 @@ async def connect(url: str, *, name: str, connect_timeout_s: float) -> NatsClien
     async def on_reconnect() -> None:
         log.info("nats_reconnected", url=url)
 
+    # A cluster is given as "nats://a:4222,nats://b:4222": nats-py wants a list.
+    servers = [u.strip() for u in url.split(",") if u.strip()]
     return await nats.connect(
-        url,
+        servers,
         name=name,
         connect_timeout=connect_timeout_s,
         allow_reconnect=True,

@@ -38,7 +38,8 @@ class Publisher:
     timeout_s: float = 5.0
     retry_initial_s: float = 0.05
     retry_max_s: float = 5.0
-    chunk: int = 5000
+    max_in_flight: int = 2000
+    """Publishes awaiting their PubAck at once (the outbox window)."""
     stats: PublisherStats = field(default_factory=PublisherStats)
     _sent: list[tuple[str, float]] = field(default_factory=list)
     _failed: list[tuple[str, str]] = field(default_factory=list)
@@ -51,9 +52,10 @@ class Publisher:
 
     async def send(self, rows: Sequence[OutboxRow | PendingEffect]) -> None:
         """Publish ``rows`` until each is stored, a duplicate, or failed for good."""
-        for i in range(0, len(rows), self.chunk):
+        window = self.max_in_flight
+        for i in range(0, len(rows), window):
             await self._send_chunk(
-                [Outbound(r.key, r.subject, r.payload, r.headers) for r in rows[i : i + self.chunk]]
+                [Outbound(r.key, r.subject, r.payload, r.headers) for r in rows[i : i + window]]
             )
 
     async def _send_chunk(self, todo: list[Outbound]) -> None:

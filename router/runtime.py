@@ -31,6 +31,7 @@ class RouterSettings:
 
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     publish_timeout_s: float = 5.0
+    publish_max_in_flight: int = 2000
     publish_retry_initial_s: float = 0.05
     publish_retry_max_s: float = 5.0
     dedupe_retention_s: float = 7 * 86400.0
@@ -43,6 +44,7 @@ class RouterSettings:
         return cls(
             worker=WorkerSettings.from_config(cfg),
             publish_timeout_s=cfg.outbox.publish_timeout_s,
+            publish_max_in_flight=cfg.outbox.max_in_flight,
             publish_retry_initial_s=cfg.outbox.retry_backoff_initial_ms / 1000,
             publish_retry_max_s=cfg.outbox.retry_backoff_max_ms / 1000,
             dedupe_retention_s=cfg.store.dedupe_retention_s,
@@ -68,6 +70,7 @@ class Router:
         self.publisher = Publisher(
             transport,
             timeout_s=self.settings.publish_timeout_s,
+            max_in_flight=self.settings.publish_max_in_flight,
             retry_initial_s=self.settings.publish_retry_initial_s,
             retry_max_s=self.settings.publish_retry_max_s,
         )

@@ -1,0 +1,241 @@
+"""The baseline: plain nats-py doing the same message moves as the router, and nothing else.
+
+In its own process (``python -m caresync.bench.raw_loop --nats URL``): one task consumes
+RAW_IN with the router's continuous pull consumer (durable, AckPolicy.ALL) and, per batch,
+publishes ``fanout`` messages per input to RAW_FX with ``publish_async`` and a Msg-Id, awaits
+the PubAcks, and acks the batch through its last message; another task consumes RAW_FX the same
+way and acks.  No decoding, no store, no actor logic, no dedupe.
+
+The driver side (:func:`run_raw`) creates the streams, starts the process, publishes the same N
+input messages and polls the RAW_FX consumer's ack floor until N * fanout are consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext, api
+
+from caresync.bench.fanout import POLL_S, BenchError, log_tail, publish_all
+from caresync.bench.workload import Workload
+from caresync.router.jetstream import JetStreamConsumer, connect
+from caresync.router.logs import configure_logging
+
+RAW_IN, RAW_FX = "RAW_IN", "RAW_FX"
+IN_PREFIX, FX_PREFIX = "raw.in.", "raw.fx."
+IN_CONSUMER, FX_CONSUMER = "raw-in", "raw-fx"
+
+
+# -- driver side --------------------------------------------------------------------------------
+async def create_streams(js: JetStreamContext) -> None:
+    """RAW_IN and RAW_FX, file storage, like the router's streams."""
+    for name, prefix in ((RAW_IN, IN_PREFIX), (RAW_FX, FX_PREFIX)):
+        await js.add_stream(
+            config=api.StreamConfig(
+                name=name,
+                subjects=[f"{prefix}>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                num_replicas=1,
+            )
+        )
+
+
+def raw_messages(workload: Workload, subject_prefix: str = "cs") -> list[tuple[str, bytes]]:
+    """The workload's messages (same bytes, same order) on ``raw.in.<kind>.<id>``."""
+    cut = len(subject_prefix) + len(".in.")
+    return [(IN_PREFIX + c.subject[cut:], c.data) for c in workload.commands]
+
+
+async def run_raw(
+    url: str,
+    js: JetStreamContext,
+    workload: Workload,
+    *,
+    workdir: Path,
+    batch: int,
+    batches_in_flight: int,
+    expires_s: float,
+    deadline_s: float,
+) -> dict[str, Any]:
+    """Run the raw loop process over the workload's messages; time and counts."""
+    await create_streams(js)
+    messages = raw_messages(workload)
+    target = workload.n * workload.fanout
+    log_path = workdir / "raw_loop.log"
+    with log_path.open("ab") as log_file:
+        process = await anyio.open_process(
+            [
+                sys.executable,
+                "-m",
+                "caresync.bench.raw_loop",
+                *("--nats", url),
+                *("--fanout", str(workload.fanout), "--batch", str(batch)),
+                *("--batches-in-flight", str(batches_in_flight), "--expires", str(expires_s)),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            cwd=workdir,
+        )
+    try:
+        await _wait_line(process, b"ready", log_path)
+        t0 = time.monotonic()
+        publish_s = 0.0
+
+        async def publish() -> None:
+            nonlocal publish_s
+            publish_s = await publish_all(js, messages)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish)
+            floor = await _wait_floor(js, target, deadline_s, process)
+            elapsed = time.monotonic() - t0
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            out = b""
+            with anyio.move_on_after(30):
+                assert process.stdout is not None
+                async for chunk in process.stdout:
+                    out += chunk
+            with anyio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+            status = await process.wait()
+            await process.aclose()
+    if status != 0:
+        raise BenchError(f"raw loop exited with {status}:\n{log_tail(log_path)}")
+    stats = json.loads(out.decode().strip().splitlines()[-1])
+    return {"elapsed_s": elapsed, "publish_s": publish_s, "fx_ack_floor": floor, **stats}
+
+
+async def _wait_line(process: Process, marker: bytes, log_path: Path) -> None:
+    assert process.stdout is not None
+    buf = b""
+    with anyio.fail_after(60):
+        while marker not in buf:
+            try:
+                buf += await process.stdout.receive()
+            except anyio.EndOfStream:
+                raise BenchError(f"raw loop exited during start-up:\n{log_tail(log_path)}") from None
+
+
+async def _wait_floor(js: JetStreamContext, target: int, deadline_s: float, process: Any) -> int:
+    deadline = time.monotonic() + deadline_s
+    floor = 0
+    while True:
+        info = await js.consumer_info(RAW_FX, FX_CONSUMER)
+        floor = int(info.ack_floor.stream_seq) if info.ack_floor else 0
+        if floor >= target:
+            return floor
+        if process.returncode is not None or time.monotonic() > deadline:
+            raise BenchError(f"raw loop: RAW_FX ack floor {floor} of {target} (deadline or exit)")
+        await anyio.sleep(POLL_S)
+
+
+# -- process side -------------------------------------------------------------------------------
+async def _consumer(
+    nc: NatsClient, stream: str, name: str, args: argparse.Namespace
+) -> JetStreamConsumer:
+    # The router's consumer settings (see caresync.router.jetstream / service).
+    await nc.jetstream().add_consumer(
+        stream,
+        config=api.ConsumerConfig(
+            durable_name=name,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.ALL,
+            ack_wait=60.0,
+            max_deliver=-1,
+            max_ack_pending=max(args.batch * (args.batches_in_flight + 2), 1000),
+            max_waiting=512,
+        ),
+    )
+    consumer = JetStreamConsumer(nc, stream, name, batch=args.batch, expires_s=args.expires)
+    await consumer.start()
+    return consumer
+
+
+async def _serve(args: argparse.Namespace) -> dict[str, int]:
+    nc = await connect(args.nats, name="caresync-raw-loop", connect_timeout_s=5.0)
+    js = nc.jetstream(publish_async_max_pending=100_000)
+    stats = {"consumed_in": 0, "published_fx": 0, "consumed_fx": 0}
+    fanout = args.fanout
+    inputs = await _consumer(nc, RAW_IN, IN_CONSUMER, args)
+    effects = await _consumer(nc, RAW_FX, FX_CONSUMER, args)
+
+    async def move() -> None:
+        while True:
+            batch = await inputs.next_batch(args.batch, args.expires)
+            if not batch:
+                continue
+            futures = []
+            for m in batch:
+                base = FX_PREFIX + m.subject[len(IN_PREFIX) :]
+                for k in range(fanout):
+                    futures.append(
+                        await js.publish_async(
+                            f"{base}.{k}", m.data, headers={"Nats-Msg-Id": f"{m.seq}:{k}"}
+                        )
+                    )
+            await asyncio.gather(*futures)
+            await inputs.ack_through(batch[-1])
+            stats["consumed_in"] += len(batch)
+            stats["published_fx"] += len(futures)
+
+    async def drain() -> None:
+        while True:
+            batch = await effects.next_batch(args.batch, args.expires)
+            if batch:
+                await effects.ack_through(batch[-1])
+                stats["consumed_fx"] += len(batch)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    tasks = [asyncio.create_task(move()), asyncio.create_task(drain())]
+    print("ready", flush=True)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+    for task in [*tasks, waiter]:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # re-raises a task's own failure
+    await inputs.close()
+    await effects.close()
+    await nc.close()
+    return stats
+
+
+def main() -> None:
+    """Entry point of the raw loop process; prints ``ready``, then its counters as JSON."""
+    parser = argparse.ArgumentParser(prog="caresync.bench.raw_loop")
+    parser.add_argument("--nats", required=True)
+    parser.add_argument("--fanout", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batches-in-flight", type=int, default=2)
+    parser.add_argument("--expires", type=float, default=1.0)
+    args = parser.parse_args()
+    configure_logging("warning")
+    stats = asyncio.run(_serve(args))
+    print(json.dumps(stats), flush=True)
+
+
+if __name__ == "__main__":
+    main()

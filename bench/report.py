@@ -1,0 +1,191 @@
+"""Conditions, machine, CPU accounting and the output of the figures (table, JSON, RESULTS.md)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+DURABILITY = (
+    "JetStream file storage, PubAck on every publish, "
+    "SQLite WAL synchronous=NORMAL committed per batch before ack"
+)
+LATENCY_DEFINITION = (
+    "publish -> all fan-out targets applied (the applied_at of the last of its fan-out "
+    "commands, stamped when the router starts applying that batch), paced at 50% of the "
+    "measured caresync throughput"
+)
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def nats_server_version() -> str:
+    """``nats-server --version`` of the binary the embedded server uses."""
+    from caresync.router.embedded import nats_server_binary
+
+    try:
+        out = subprocess.run(
+            [str(nats_server_binary()), "--version"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were measured."""
+    try:
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        load = []
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "nats_server": nats_server_version(),
+        "nats_py": metadata.version("nats-py"),
+        "loadavg_before": " ".join(load),
+    }
+
+
+def _proc_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def _machine_busy_s() -> float:
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / _TICK
+
+
+class CpuMeter:
+    """CPU seconds of named processes (and of the whole machine) between two snapshots."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self._pids = {**pids, "driver": os.getpid()}
+        self._start = self._snap()
+
+    def _snap(self) -> dict[str, float]:
+        snap = {name: _proc_cpu_s(pid) for name, pid in self._pids.items()}
+        snap["_machine"] = _machine_busy_s()
+        snap["_t"] = time.monotonic()
+        return snap
+
+    def cores(self) -> dict[str, float]:
+        """Cores used per process since construction; ``other`` is the rest of the machine."""
+        end = self._snap()
+        wall = max(end["_t"] - self._start["_t"], 1e-9)
+        out = {}
+        ours = 0.0
+        for name in self._pids:
+            used = end[name] - self._start[name]
+            ours += used
+            out[name] = round(used / wall, 2)
+        out["other"] = round(max(0.0, end["_machine"] - self._start["_machine"] - ours) / wall, 2)
+        return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows: conditions and machine first, then the figures."""
+    c, m, f = result["conditions"], result["machine"], result["figures"]
+    return [
+        ("workload", c["workload"]),
+        ("commands N / keys M", f"{_fmt(c['n'])} / {_fmt(c['m'])}"),
+        ("unique / duplicates", f"{_fmt(c['unique'])} / {_fmt(c['duplicates'])} re-sends"),
+        ("fan-out per command", f"{c['fanout']} (billing, {c['items']} supply, erp)"),
+        ("router settings", _fmt(c["router"])),
+        ("durability", c["durability"]),
+        ("processes", c["processes"]),
+        ("machine", f"{m['platform']}; {m['cpu']}; {m['cores']} cores"),
+        ("software", f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}"),
+        ("load average before", m["loadavg_before"]),
+        ("caresync commands/s", _fmt(f["caresync_commands_per_s"])),
+        ("  end-to-end s / publish s", f"{f['caresync_s']:.2f} / {f['caresync_publish_s']:.2f}"),
+        ("  cores used", _fmt(f["caresync_cpu_cores"])),
+        ("raw loop commands/s", _fmt(f["raw_commands_per_s"])),
+        ("  end-to-end s / publish s", f"{f['raw_s']:.2f} / {f['raw_publish_s']:.2f}"),
+        ("  cores used", _fmt(f["raw_cpu_cores"])),
+        ("ratio caresync / raw", f"{f['ratio']:.3f}"),
+        ("latency p50 / p99 ms", f"{f['latency_p50_ms']:.1f} / {f['latency_p99_ms']:.1f}"),
+        ("  latency defined as", f"{LATENCY_DEFINITION} ({f['latency_rate_per_s']:.0f}/s)"),
+        ("  latency commands / max ms", f"{f['latency_n']} / {f['latency_max_ms']:.1f}"),
+        ("exactly_once", _fmt(f["exactly_once"])),
+        ("  checks", _fmt(result["checks"])),
+    ]
+
+
+def table(result: Mapping[str, Any]) -> str:
+    """The figures as an aligned two-column text table."""
+    body = rows(result)
+    width = max(len(label) for label, _ in body)
+    lines = [f"caresync bench {result['conditions']['workload']}  ({result['date']})"]
+    lines += [f"  {label.ljust(width)}  {value}" for label, value in body]
+    return "\n".join(lines)
+
+
+def as_json(result: Mapping[str, Any]) -> str:
+    """One JSON object: the figures at the top level, conditions, machine and checks nested."""
+    doc = {**result["figures"], **{k: v for k, v in result.items() if k != "figures"}}
+    return orjson.dumps(doc).decode()
+
+
+def append_results(result: Mapping[str, Any], command_line: str, path: Path = RESULTS_PATH) -> None:
+    """Append a dated section with the command line, machine, conditions and figures."""
+    body = rows(result)
+    lines = [
+        "",
+        f"## {result['date']} — `{command_line}`",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {label.strip()} | {value.replace('|', '/')} |" for label, value in body),
+        "",
+    ]
+    if not path.exists():
+        path.write_text(
+            "# caresync bench results\n\nAppended by `caresync bench fanout --write-results`.\n"
+        )
+    with path.open("a") as f:
+        f.write("\n".join(lines))
+
+
+def today() -> str:
+    """The run's UTC timestamp."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
