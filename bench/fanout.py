@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import nats.errors
@@ -74,7 +74,7 @@ def router_environment(base: Mapping[str, str]) -> dict[str, str]:
 async def start_router(url: str, data_dir: Path, env: dict[str, str]) -> Process:
     """``caresync up --nats URL --data-dir DIR``, logging to ``DIR.log``."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    with Path(f"{data_dir}.log").open("ab") as log_file:
+    with open_log(Path(f"{data_dir}.log")) as log_file:
         return await anyio.open_process(
             [*caresync_command(), "up", "--nats", url, "--data-dir", str(data_dir)],
             stdin=subprocess.DEVNULL,
@@ -83,6 +83,11 @@ async def start_router(url: str, data_dir: Path, env: dict[str, str]) -> Process
             cwd=data_dir.parent,
             env=env,
         )
+
+
+def open_log(path: Path) -> IO[bytes]:
+    """A log file for a child process (the child keeps its own descriptor)."""
+    return path.open("ab")
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -249,7 +254,7 @@ async def count_messages(js: JetStreamContext, stream: str, subject_filter: str)
         ),
     )
     await js.delete_consumer(stream, info.name)
-    return int(info.num_pending)
+    return int(info.num_pending or 0)
 
 
 def check_applied(
@@ -286,4 +291,3 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     n = len(sorted_values)
     idx = min(n - 1, max(0, round(p / 100.0 * n + 0.5) - 1))
     return sorted_values[idx]
-

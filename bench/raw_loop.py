@@ -28,7 +28,8 @@ from anyio.abc import Process
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 
-from caresync.bench.fanout import POLL_S, BenchError, log_tail, publish_all
+from caresync.bench.fanout import POLL_S, BenchError, log_tail, open_log, publish_all
+from caresync.bench.report import CpuMeter
 from caresync.bench.workload import Workload
 from caresync.router.jetstream import JetStreamConsumer, connect
 from caresync.router.logs import configure_logging
@@ -65,6 +66,7 @@ async def run_raw(
     workload: Workload,
     *,
     workdir: Path,
+    server_pid: int,
     batch: int,
     batches_in_flight: int,
     expires_s: float,
@@ -75,7 +77,7 @@ async def run_raw(
     messages = raw_messages(workload)
     target = workload.n * workload.fanout
     log_path = workdir / "raw_loop.log"
-    with log_path.open("ab") as log_file:
+    with open_log(log_path) as log_file:
         process = await anyio.open_process(
             [
                 sys.executable,
@@ -92,6 +94,7 @@ async def run_raw(
         )
     try:
         await _wait_line(process, b"ready", log_path)
+        meter = CpuMeter({"raw-loop": process.pid, "nats-server": server_pid})
         t0 = time.monotonic()
         publish_s = 0.0
 
@@ -103,6 +106,7 @@ async def run_raw(
             tg.start_soon(publish)
             floor = await _wait_floor(js, target, deadline_s, process)
             elapsed = time.monotonic() - t0
+        cpu = meter.cores()
     finally:
         with anyio.CancelScope(shield=True):
             if process.returncode is None:
@@ -121,7 +125,13 @@ async def run_raw(
     if status != 0:
         raise BenchError(f"raw loop exited with {status}:\n{log_tail(log_path)}")
     stats = json.loads(out.decode().strip().splitlines()[-1])
-    return {"elapsed_s": elapsed, "publish_s": publish_s, "fx_ack_floor": floor, **stats}
+    return {
+        "elapsed_s": elapsed,
+        "publish_s": publish_s,
+        "cpu": cpu,
+        "fx_ack_floor": floor,
+        **stats,
+    }
 
 
 async def _wait_line(process: Process, marker: bytes, log_path: Path) -> None:
@@ -132,7 +142,9 @@ async def _wait_line(process: Process, marker: bytes, log_path: Path) -> None:
             try:
                 buf += await process.stdout.receive()
             except anyio.EndOfStream:
-                raise BenchError(f"raw loop exited during start-up:\n{log_tail(log_path)}") from None
+                raise BenchError(
+                    f"raw loop exited during start-up:\n{log_tail(log_path)}"
+                ) from None
 
 
 async def _wait_floor(js: JetStreamContext, target: int, deadline_s: float, process: Any) -> int:

@@ -14,6 +14,10 @@ from typing import Any
 
 import orjson
 
+from caresync.bench.fanout import percentile
+from caresync.bench.workload import Workload
+from caresync.config import Config
+
 DURABILITY = (
     "JetStream file storage, PubAck on every publish, "
     "SQLite WAL synchronous=NORMAL committed per batch before ack"
@@ -23,6 +27,8 @@ LATENCY_DEFINITION = (
     "commands, stamped when the router starts applying that batch), paced at 50% of the "
     "measured caresync throughput"
 )
+IN_FLIGHT = 5000
+"""Publishes the driver keeps in flight (awaiting their PubAcks)."""
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -189,3 +195,84 @@ def append_results(result: Mapping[str, Any], command_line: str, path: Path = RE
 def today() -> str:
     """The run's UTC timestamp."""
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def exactly_once(c: dict[str, int]) -> bool:
+    """Every check of the run passed (each fan-out applied and sent exactly once)."""
+    return (
+        c["missing"] == 0
+        and c["unexpected"] == 0
+        and c["not_accepted"] == 0
+        and c["internal_in_stream"] == c["internal_expected"]
+        and c["charges_in_stream"] == c["charges_expected"]
+        and c["outbox_sent"] == c["internal_expected"] + c["charges_expected"]
+        and c["outbox_not_sent"] == 0
+        and c["duplicates_skipped"] == c["duplicates_sent"]
+        and c["accepted"] == c["accepted_expected"]
+        and c["rejected_dead_parked"] == 0
+        and c["router_exit"] == 0
+    )
+
+
+def build_result(
+    seed: int,
+    command_line: str,
+    cfg: Config,
+    info: dict[str, Any],
+    workload: Workload,
+    cs: dict[str, Any],
+    raw: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's figures, conditions, machine and checks, as printed and recorded."""
+    lat: list[float] = cs["latency_ms"]
+    checks: dict[str, int] = cs["checks"]
+    caresync_rate = workload.n / cs["elapsed_s"]
+    raw_rate = workload.n / raw["elapsed_s"]
+    r = cfg.router
+    figures = {
+        "caresync_commands_per_s": round(caresync_rate, 1),
+        "caresync_s": round(cs["elapsed_s"], 3),
+        "caresync_publish_s": round(cs["publish_s"], 3),
+        "caresync_cpu_cores": cs["cpu"],
+        "raw_commands_per_s": round(raw_rate, 1),
+        "raw_s": round(raw["elapsed_s"], 3),
+        "raw_publish_s": round(raw["publish_s"], 3),
+        "raw_cpu_cores": raw["cpu"],
+        "ratio": round(caresync_rate / raw_rate, 4),
+        "latency_n": len(lat),
+        "latency_rate_per_s": round(cs["latency_rate"], 1),
+        "latency_p50_ms": round(percentile(lat, 50), 2),
+        "latency_p99_ms": round(percentile(lat, 99), 2),
+        "latency_max_ms": round(lat[-1], 2),
+        "exactly_once": exactly_once(checks),
+    }
+    conditions = {
+        "workload": "fanout",
+        "n": workload.n,
+        "m": workload.keys,
+        "unique": workload.unique,
+        "duplicates": workload.duplicates,
+        "fanout": workload.fanout,
+        "items": workload.items_per_procedure,
+        "seed": seed,
+        "router": {
+            "batch_size": r.batch_size,
+            "batches_in_flight": r.batches_in_flight,
+            "partitions": cfg.streams.partitions,
+            "storage": cfg.streams.storage,
+            "synchronous": cfg.store.synchronous,
+        },
+        "driver_in_flight": IN_FLIGHT,
+        "durability": DURABILITY,
+        "processes": "1 router + 1 driver (raw: 1 raw loop + 1 driver), 1 nats-server",
+        "latency": LATENCY_DEFINITION,
+        "raw_counts": {k: raw[k] for k in ("consumed_in", "published_fx", "consumed_fx")},
+    }
+    return {
+        "date": today(),
+        "command_line": command_line,
+        "figures": figures,
+        "conditions": conditions,
+        "machine": info,
+        "checks": checks,
+    }

@@ -1,0 +1,243 @@
+"""``caresync bench fanout``: one fresh embedded deployment, caresync and the raw loop, figures.
+
+Also runnable as ``python -m caresync.bench.cli`` (from outside the repository) for the options
+the ``caresync bench`` front end does not expose yet (``--items``, ``--latency-n``, ``--seed``,
+``--keep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from caresync.bench import fanout as fo
+from caresync.bench import report
+from caresync.bench.raw_loop import run_raw
+from caresync.bench.report import IN_FLIGHT
+from caresync.bench.workload import SEED, Workload, build_workload
+from caresync.cli.up import mappings_config
+from caresync.codecs import Subjects
+from caresync.config import Config, load_config
+from caresync.router.embedded import EmbeddedNats
+from caresync.router.logs import configure_logging
+from caresync.router.service import store_path, subjects_for
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What one ``bench fanout`` run does."""
+
+    n: int = 20_000
+    m: int = 2_000
+    items: int = 1
+    latency_n: int = 0
+    seed: int = SEED
+    json: bool = False
+    write_results: bool = False
+    base_dir: str | None = None
+    keep: bool = False
+    command_line: str = "caresync bench fanout"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, command_line: str) -> Options:
+        """From the parsed ``caresync bench`` (or ``python -m caresync.bench.cli``) arguments."""
+        n, m = (2_000, 200) if args.quick else (args.n, args.m)
+        return cls(
+            n=n,
+            m=m,
+            items=getattr(args, "items", 1),
+            latency_n=getattr(args, "latency_n", 0) or min(2_000, n // 4),
+            seed=getattr(args, "seed", SEED),
+            json=args.json,
+            write_results=args.write_results,
+            base_dir=getattr(args, "data_dir", None),
+            keep=getattr(args, "keep", False),
+            command_line=command_line,
+        )
+
+
+def _say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+async def run_bench(args: argparse.Namespace, ctx: Any) -> int:
+    """The ``caresync bench`` command (``ctx`` is unused: the router runs on defaults + env)."""
+    command_line = shlex.join(["caresync", *sys.argv[1:]]) if sys.argv[1:] else "caresync bench"
+    return await run(Options.from_args(args, command_line))
+
+
+async def run(opts: Options) -> int:
+    """Run, print (table or JSON), record if asked; exit status 1 unless exactly once."""
+    configure_logging("warning")
+    try:
+        result = await run_fanout(opts)
+    except fo.BenchError as exc:
+        if opts.json:
+            print(orjson.dumps({"error": str(exc), "exactly_once": False}).decode())
+        print(f"caresync bench: {exc}", file=sys.stderr)
+        return 1
+    print(report.as_json(result) if opts.json else report.table(result), flush=True)
+    if opts.write_results:
+        report.append_results(result, opts.command_line)
+        _say(f"appended to {report.RESULTS_PATH}")
+    return 0 if result["figures"]["exactly_once"] else 1
+
+
+async def run_fanout(opts: Options) -> dict[str, Any]:
+    """Build the workloads, start the deployment, measure caresync then the raw loop."""
+    env = fo.router_environment(os.environ)
+    cfg = load_config(None, environ=env)
+    subjects = subjects_for(cfg)
+    workload = build_workload(
+        opts.n, opts.m, items_per_procedure=opts.items, seed=opts.seed, subjects=subjects
+    )
+    lat_n = max(1, opts.latency_n)
+    latency = build_workload(
+        lat_n,
+        max(1, lat_n // 5),
+        items_per_procedure=opts.items,
+        dup_rate=0.0,
+        seed=opts.seed + 1,
+        prefix="lat-",
+        subjects=subjects,
+    )
+    deadline_s = 60.0 + opts.n * (1 + workload.fanout) / 200
+    info = report.machine()
+    tmp = Path(tempfile.mkdtemp(prefix="caresync-bench-", dir=opts.base_dir))
+    ok = False
+    try:
+        async with EmbeddedNats(tmp / "nats", extra_config=mappings_config(subjects)) as server:
+            nc = await nats.connect(server.url, name="caresync-bench", pending_size=64 << 20)
+            try:
+                js = nc.jetstream(publish_async_max_pending=IN_FLIGHT)
+                _say(f"caresync: {workload.n} commands, fan-out {workload.fanout}, in {tmp}")
+                cs = await _caresync(nc, js, server, tmp, env, cfg, workload, latency, deadline_s)
+                _say(f"caresync {workload.n / cs['elapsed_s']:.0f} commands/s; raw loop next")
+                raw = await run_raw(
+                    server.url,
+                    js,
+                    workload,
+                    workdir=tmp,
+                    server_pid=server.pid,
+                    batch=cfg.router.batch_size,
+                    batches_in_flight=cfg.router.batches_in_flight,
+                    expires_s=cfg.router.pull_expires_ms / 1000,
+                    deadline_s=deadline_s,
+                )
+            finally:
+                await nc.close()
+        ok = True
+    finally:
+        if ok and not opts.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _say(f"data and logs kept in {tmp}")
+    return report.build_result(opts.seed, opts.command_line, cfg, info, workload, cs, raw)
+
+
+async def _caresync(
+    nc: NatsClient,
+    js: JetStreamContext,
+    server: EmbeddedNats,
+    tmp: Path,
+    env: dict[str, str],
+    cfg: Config,
+    workload: Workload,
+    latency: Workload,
+    deadline_s: float,
+) -> dict[str, Any]:
+    subjects = subjects_for(cfg)
+    router_dir = tmp / "router"
+    process = await fo.start_router(server.url, router_dir, env)
+    try:
+        await fo.wait_ready(nc, subjects, process, Path(f"{router_dir}.log"))
+        meter = report.CpuMeter({"router": process.pid, "nats-server": server.pid})
+        tp = await fo.throughput_phase(nc, js, subjects, process, workload, deadline_s)
+        tp["cpu"] = meter.cores()
+        rate = 0.5 * workload.n / tp["elapsed_s"]
+        published = await fo.latency_phase(js, latency, rate)
+        reached = await fo.wait_applied(
+            nc,
+            subjects,
+            process,
+            accepted=workload.expected_accepted + latency.expected_accepted,
+            duplicates=workload.duplicates,
+            deadline_s=deadline_s,
+            what="latency phase",
+        )
+        publisher = (await fo.health(nc, subjects)).get("publisher", {})
+    finally:
+        with anyio.CancelScope(shield=True):
+            status = await fo.stop_router(process)
+    applied, outbox = fo.read_store(store_path(cfg, router_dir))
+    internal = sum(
+        [
+            await fo.count_messages(js, subjects.input_stream(p), _internal(subjects, p))
+            for p in range(subjects.partitions)
+        ]
+    )
+    charges = await fo.count_messages(
+        js, subjects.output_stream, f"{subjects.prefix}.out.billing.>"
+    )
+    lat = fo.latencies_ms(applied, latency.commands, published)
+    checks = {
+        **fo.check_applied(applied, [workload, latency]),
+        "internal_in_stream": internal,
+        "internal_expected": workload.expected_internal + latency.expected_internal,
+        "charges_in_stream": charges,
+        "charges_expected": workload.completes + latency.completes,
+        "outbox_sent": outbox.get("sent", 0),
+        "outbox_not_sent": sum(v for k, v in outbox.items() if k != "sent"),
+        "duplicates_sent": workload.duplicates,
+        "duplicates_skipped": reached.get("duplicates", 0),
+        "accepted": reached.get("accepted", 0),
+        "accepted_expected": workload.expected_accepted + latency.expected_accepted,
+        "rejected_dead_parked": sum(
+            reached.get(k, 0) for k in ("rejected", "dead_lettered", "parked")
+        ),
+        "pubacks_duplicate": int(publisher.get("duplicates", 0)),
+        "router_exit": status,
+    }
+    return {**tp, "latency_ms": lat, "latency_rate": rate, "checks": checks}
+
+
+def _internal(subjects: Subjects, partition: int) -> str:
+    if subjects.partitions == 1:
+        return f"{subjects.prefix}.int.>"
+    return f"{subjects.prefix}.part.{partition}.int.>"
+
+
+def main() -> None:
+    """``python -m caresync.bench.cli [fanout] [options]`` (run it outside the repository)."""
+    parser = argparse.ArgumentParser(prog="python -m caresync.bench.cli")
+    parser.add_argument("workload", nargs="?", default="fanout", choices=["fanout"])
+    parser.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
+    parser.add_argument("--m", type=int, default=2_000, help="appointment keys (default 2000)")
+    parser.add_argument("--items", type=int, default=1, help="items per procedure (3: fan-out 5)")
+    parser.add_argument("--latency-n", type=int, default=0, help="latency commands")
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--quick", action="store_true", help="N=2000, M=200")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--write-results", action="store_true", help="append to RESULTS.md")
+    parser.add_argument("--data-dir", help="where the temporary deployment is made")
+    parser.add_argument("--keep", action="store_true", help="keep the deployment's files")
+    args = parser.parse_args()
+    command_line = shlex.join(["python", "-m", "caresync.bench.cli", *sys.argv[1:]])
+    sys.exit(anyio.run(run, Options.from_args(args, command_line), backend="asyncio"))
+
+
+if __name__ == "__main__":
+    main()
