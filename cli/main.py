@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("workload", nargs="?", default="fanout", choices=["fanout"])
     bench.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
     bench.add_argument("--m", type=int, default=2_000, help="entities (default 2000)")
+    bench.add_argument(
+        "--items",
+        type=int,
+        default=1,
+        help="items per procedure: fan-out is 2 + items (default 1 -> 3)",
+    )
+    bench.add_argument(
+        "--latency-n",
+        type=int,
+        default=0,
+        help="commands in the latency phase (default min(2000, N/4))",
+    )
+    bench.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
+    bench.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
     bench.add_argument("--quick", action="store_true", help="small N for smoke tests")
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.add_argument(
