@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from caresync.actors.contract import Accepted, Effect, EntityKind, Rejected
 from caresync.router.decoding import Prepared
@@ -101,89 +101,135 @@ class Supervision:
         return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** (failures - 1)))
 
 
-@dataclass(eq=False)
 class EntityActor:
-    """The live actor of one entity; its task is started by the partition worker."""
+    """The live actor of one entity; its task is started by the partition worker.
 
-    kind: EntityKind[Any, Any]
-    entity: str
-    state: Any
-    parked: bool
-    supervision: Supervision
-    last_used: float = field(default_factory=time.monotonic)
-    load_error: str = ""
-    """Set when the stored state could not be read: every message parks with this reason."""
-    _send: MemoryObjectSendStream[Delivery] = field(init=False, repr=False)
-    _receive: MemoryObjectReceiveStream[Delivery] = field(init=False, repr=False)
+    The mailbox is a plain deque with a wake-up event that exists only while the task waits:
+    the dispatcher queues a whole batch's deliveries for an entity and wakes its task once.
+    The batch window bounds what can be queued, and the dispatcher never waits on a mailbox,
+    so an entity in back-off cannot hold up the others.
+    """
 
-    def __post_init__(self) -> None:
-        # The batch window bounds what can be queued here: the dispatcher never waits on a
-        # mailbox, so one entity in back-off cannot hold up the others.
-        self._send, self._receive = anyio.create_memory_object_stream[Delivery](
-            max_buffer_size=float("inf")
-        )
+    __slots__ = (
+        "_closed",
+        "_mailbox",
+        "_wakeup",
+        "entity",
+        "kind",
+        "last_used",
+        "load_error",
+        "parked",
+        "state",
+        "supervision",
+    )
+
+    def __init__(
+        self,
+        kind: EntityKind[Any, Any],
+        entity: str,
+        state: Any,
+        parked: bool,
+        supervision: Supervision,
+    ) -> None:
+        self.kind = kind
+        self.entity = entity
+        self.state = state
+        self.parked = parked
+        self.supervision = supervision
+        self.last_used = time.monotonic()
+        self.load_error = ""
+        """Set when the stored state could not be read: every message parks with this reason."""
+        self._mailbox: deque[Delivery] = deque()
+        self._wakeup: anyio.Event | None = None
+        self._closed = False
 
     def deliver(self, delivery: Delivery) -> None:
         """Queue a delivery (never blocks)."""
         self.last_used = time.monotonic()
         delivery.batch.add()
-        self._send.send_nowait(delivery)
+        self._mailbox.append(delivery)
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def close(self) -> None:
         """Passivate: the task ends once the mailbox is empty."""
-        self._send.close()
+        self._closed = True
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def run(self) -> None:
         """Handle deliveries in order until passivated."""
-        async with self._receive:
-            async for delivery in self._receive:
-                try:
-                    delivery.outcome = await self._handle(delivery.prepared)
-                finally:
-                    delivery.batch.done()
+        mailbox = self._mailbox
+        while True:
+            while not mailbox:
+                if self._closed:
+                    return
+                self._wakeup = anyio.Event()
+                await self._wakeup.wait()
+                self._wakeup = None
+            delivery = mailbox.popleft()
+            try:
+                outcome = self._try(delivery.prepared)
+                if isinstance(outcome, Exception):
+                    outcome = await self._supervise(delivery.prepared, outcome)
+                delivery.outcome = outcome
+            finally:
+                delivery.batch.done()
 
-    async def _handle(self, prepared: Prepared) -> Outcome:
+    def _log(self, prepared: Prepared) -> structlog.typing.FilteringBoundLogger:
+        # Bound only on the paths that log: binding per message costs more than applying it.
+        command = prepared.command
+        bound: structlog.typing.FilteringBoundLogger = log.bind(
+            entity=f"{self.kind.name}:{self.entity}",
+            command_id=command.id,
+            correlation_id=command.correlation_id,
+        )
+        return bound
+
+    def _try(self, prepared: Prepared) -> Outcome | Exception:
+        """Apply once; the exception if the handler raised (the caller supervises)."""
         if self.parked:
             return Parked(reason="entity is parked", failures=0, behind=True)
         if self.load_error:
             self.parked = True
-            log.error(
-                "entity_parked", entity=f"{self.kind.name}:{self.entity}", reason=self.load_error
-            )
+            self._log(prepared).error("entity_parked", reason=self.load_error)
             return Parked(reason=self.load_error, failures=1, behind=False)
-        command = prepared.command
-        failures = 0
-        with structlog.contextvars.bound_contextvars(
-            entity=f"{self.kind.name}:{self.entity}",
-            command_id=command.id,
-            correlation_id=command.correlation_id,
-        ):
-            while True:
-                try:
-                    decision = self.kind.decide(self.state, command)
-                    if isinstance(decision, Rejected):
-                        log.info("command_rejected", reason=decision.reason)
-                        return Refused(decision.reason, decision.code)
-                    if not isinstance(decision, Accepted):
-                        raise TypeError(f"decide returned {type(decision).__name__}")
-                    state = self.kind.apply(self.state, decision.events)
-                except Exception as exc:
-                    failures += 1
-                    reason = f"{type(exc).__name__}: {exc}"
-                    if failures >= self.supervision.max_failures:
-                        self.parked = True
-                        log.error(
-                            "entity_parked",
-                            reason=reason,
-                            failures=failures,
-                            traceback=traceback.format_exc(limit=5),
-                        )
-                        return Parked(reason=reason, failures=failures, behind=False)
-                    delay_s = self.supervision.backoff_s(failures)
-                    log.warning(
-                        "actor_restarting", reason=reason, failures=failures, delay_s=delay_s
-                    )
-                    await anyio.sleep(delay_s)
-                    continue
-                self.state = state
-                return Applied(state, tuple(decision.events), tuple(decision.effects))
+        try:
+            return self._apply(prepared)
+        except Exception as exc:
+            return exc
+
+    def _apply(self, prepared: Prepared) -> Outcome:
+        decision = self.kind.decide(self.state, prepared.command)
+        if isinstance(decision, Rejected):
+            self._log(prepared).info("command_rejected", reason=decision.reason)
+            return Refused(decision.reason, decision.code)
+        if not isinstance(decision, Accepted):
+            raise TypeError(f"decide returned {type(decision).__name__}")
+        state = self.kind.apply(self.state, decision.events)
+        self.state = state
+        return Applied(state, tuple(decision.events), tuple(decision.effects))
+
+    async def _supervise(self, prepared: Prepared, error: Exception) -> Outcome:
+        """The handler raised ``error``: restart with back-off, park after ``max_failures``."""
+        logger = self._log(prepared)
+        failures = 1
+        while True:
+            reason = f"{type(error).__name__}: {error}"
+            if failures >= self.supervision.max_failures:
+                self.parked = True
+                logger.error(
+                    "entity_parked",
+                    reason=reason,
+                    failures=failures,
+                    traceback="".join(traceback.format_exception(error, limit=5)),
+                )
+                return Parked(reason=reason, failures=failures, behind=False)
+            delay_s = self.supervision.backoff_s(failures)
+            logger.warning("actor_restarting", reason=reason, failures=failures, delay_s=delay_s)
+            await anyio.sleep(delay_s)
+            try:
+                return self._apply(prepared)
+            except Exception as exc:
+                error = exc
+                failures += 1

@@ -43,22 +43,35 @@ class Publisher:
     stats: PublisherStats = field(default_factory=PublisherStats)
     _sent: list[tuple[str, float]] = field(default_factory=list)
     _failed: list[tuple[str, str]] = field(default_factory=list)
+    _ranges: list[tuple[int, int, float]] = field(default_factory=list)
 
     def take_marks(self) -> BatchWrite:
         """The confirmations gathered since the last call, as a write to commit."""
-        write = BatchWrite(sent=self._sent, failed=self._failed)
-        self._sent, self._failed = [], []
+        write = BatchWrite(sent=self._sent, sent_ranges=self._ranges, failed=self._failed)
+        self._sent, self._ranges, self._failed = [], [], []
         return write
 
-    async def send(self, rows: Sequence[OutboxRow | PendingEffect]) -> None:
-        """Publish ``rows`` until each is stored, a duplicate, or failed for good."""
+    async def send(
+        self,
+        rows: Sequence[OutboxRow | PendingEffect],
+        seq_range: tuple[int, int] | None = None,
+    ) -> None:
+        """Publish ``rows`` until each is stored, a duplicate, or failed for good.
+
+        With ``seq_range`` (the outbox seqs the batch inserted), the confirmation is one range
+        mark instead of one mark per row.
+        """
         window = self.max_in_flight
+        per_key = seq_range is None
         for i in range(0, len(rows), window):
             await self._send_chunk(
-                [Outbound(r.key, r.subject, r.payload, r.headers) for r in rows[i : i + window]]
+                [Outbound(r.key, r.subject, r.payload, r.headers) for r in rows[i : i + window]],
+                per_key,
             )
+        if seq_range is not None:
+            self._ranges.append((seq_range[0], seq_range[1], time.time()))
 
-    async def _send_chunk(self, todo: list[Outbound]) -> None:
+    async def _send_chunk(self, todo: list[Outbound], per_key: bool) -> None:
         delay_s = self.retry_initial_s
         while todo:
             results = await self.transport.publish(todo, self.timeout_s)
@@ -67,10 +80,12 @@ class Publisher:
             for message, result in zip(todo, results, strict=True):
                 if result.status is PublishStatus.STORED:
                     self.stats.published += 1
-                    self._sent.append((result.key, now))
+                    if per_key:
+                        self._sent.append((result.key, now))
                 elif result.status is PublishStatus.DUPLICATE:
                     self.stats.duplicates += 1
-                    self._sent.append((result.key, now))
+                    if per_key:
+                        self._sent.append((result.key, now))
                 elif result.status is PublishStatus.RETRY:
                     retry.append(message)
                 else:

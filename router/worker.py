@@ -93,6 +93,13 @@ class WorkerStats:
     passivated: int = 0
     last_seq: int = 0
 
+    def add(self, delta: WorkerStats) -> None:
+        """Add the counts of a committed batch (``last_seq`` is taken, not added)."""
+        for name in self.__slots__:
+            if name != "last_seq":
+                setattr(self, name, getattr(self, name) + getattr(delta, name))
+        self.last_seq = max(self.last_seq, delta.last_seq)
+
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
         return {name: getattr(self, name) for name in self.__slots__}
@@ -101,6 +108,7 @@ class WorkerStats:
 @dataclass(frozen=True, slots=True)
 class _ToPublish:
     rows: list[OutboxRow]
+    seq_range: tuple[int, int] | None
     last: Inbound
 
 
@@ -137,6 +145,7 @@ class PartitionWorker:
         self._stop = anyio.Event()
         self._pull_scope: anyio.CancelScope | None = None
         self.stats = WorkerStats()
+        self._pending = WorkerStats()
 
     @property
     def live_actors(self) -> int:
@@ -207,10 +216,14 @@ class PartitionWorker:
             async for batch in receive:
                 write = await self.apply_batch(batch)
                 marks = self._publisher.take_marks()
-                write.sent, write.failed = marks.sent, marks.failed
-                await self._commit(write)
+                write.sent, write.sent_ranges, write.failed = (
+                    marks.sent,
+                    marks.sent_ranges,
+                    marks.failed,
+                )
+                seq_range = await self._commit(write)
                 if batch:
-                    await pub_send.send(_ToPublish(write.outbox, batch[-1]))
+                    await pub_send.send(_ToPublish(write.outbox, seq_range, batch[-1]))
                 self._passivate()
             self._close_actors()
 
@@ -219,7 +232,7 @@ class PartitionWorker:
     ) -> None:
         async with receive:
             async for item in receive:
-                await self._publisher.send(item.rows)
+                await self._publisher.send(item.rows, item.seq_range)
                 await consumer.ack_through(item.last)
 
     # -- replay ---------------------------------------------------------------------------------
@@ -261,9 +274,11 @@ class PartitionWorker:
         write = BatchWrite()
         if not batch:
             return write
-        stats = self.stats
-        stats.batches += 1
-        stats.received += len(batch)
+        # Counted as committed: the deltas are added to self.stats once the batch commits, so
+        # health never reports more than is durable.
+        stats = self._pending = WorkerStats()
+        stats.batches = 1
+        stats.received = len(batch)
         stats.last_seq = batch[-1].seq
         write.offsets[self.stream] = batch[-1].seq
         now = time.time()
@@ -322,20 +337,20 @@ class PartitionWorker:
         p, outcome, msg = d.prepared, d.outcome, d.prepared.message
         kind, entity, command = p.kind.name, p.command.entity, p.command
         if isinstance(outcome, Applied):
-            self.stats.accepted += 1
+            self._pending.accepted += 1
             write.applied.append(AppliedRow(command.id, kind, entity, msg.seq, "accepted", "", now))
             write.outbox.extend(
                 effect_row(self._subjects, kind, command, e) for e in outcome.effects
             )
             touched[p.key] = (self._actors[p.key], msg.seq)
         elif isinstance(outcome, Refused):
-            self.stats.rejected += 1
+            self._pending.rejected += 1
             write.applied.append(
                 AppliedRow(command.id, kind, entity, msg.seq, "rejected", outcome.reason, now)
             )
             write.outbox.append(dead_letter_row(self._subjects, msg, outcome.code, outcome.reason))
         elif isinstance(outcome, Parked):
-            self.stats.parked += 1
+            self._pending.parked += 1
             write.parked.append(
                 ParkedRow(
                     kind=kind,
@@ -402,13 +417,15 @@ class PartitionWorker:
             actor.close()
         self._actors.clear()
 
-    async def _commit(self, write: BatchWrite) -> None:
+    async def _commit(self, write: BatchWrite) -> tuple[int, int] | None:
         """Commit, retrying transient store failures with back-off; nothing is acked meanwhile."""
         delay_s = self._settings.commit_retry_initial_s
         while True:
             try:
-                await self._store.commit(write)
-                return
+                seq_range = await self._store.commit(write)
+                self.stats.add(self._pending)
+                self._pending = WorkerStats()
+                return seq_range
             except StoreUnavailable as exc:
                 self.stats.commit_retries += 1
                 log.warning("store_unavailable", error=str(exc), retry_in_s=delay_s)

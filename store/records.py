@@ -90,6 +90,8 @@ class BatchWrite:
     offsets: dict[str, int] = field(default_factory=dict)
     sent: list[tuple[str, float]] = field(default_factory=list)
     """Outbox keys confirmed by a PubAck, with the time; marked sent in this transaction."""
+    sent_ranges: list[tuple[int, int, float]] = field(default_factory=list)
+    """Outbox seq ranges (first, last, time) of whole batches confirmed: one UPDATE each."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     """Outbox keys that cannot be published (no stream for the subject), with the error."""
 
@@ -101,5 +103,6 @@ class BatchWrite:
             or self.parked
             or self.offsets
             or self.sent
+            or self.sent_ranges
             or self.failed
         )

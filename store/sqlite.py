@@ -135,15 +135,23 @@ class Store:
             raise map_sqlite_error(exc, "reading dedupe records") from exc
         return seen
 
-    async def commit(self, write: BatchWrite) -> None:
-        """Write everything of one batch in one transaction, or nothing (raises StoreError)."""
+    async def commit(self, write: BatchWrite) -> tuple[int, int] | None:
+        """Write everything of one batch in one transaction, or nothing (raises StoreError).
+
+        Returns the outbox seq range of the rows this batch inserted (rows whose key was
+        already there keep their old seq and status), so that confirming the whole batch later
+        is one UPDATE of a range.
+        """
         if not write:
-            return
+            return None
         conn = self._conn
         async with self._write_lock:
-            await self._commit_locked(conn, write)
+            return await self._commit_locked(conn, write)
 
-    async def _commit_locked(self, conn: aiosqlite.Connection, write: BatchWrite) -> None:
+    async def _commit_locked(
+        self, conn: aiosqlite.Connection, write: BatchWrite
+    ) -> tuple[int, int] | None:
+        inserted: tuple[int, int] | None = None
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
@@ -175,6 +183,7 @@ class Store:
                     )
                 if write.outbox:
                     now = time.time()
+                    before = await _last_outbox_seq(conn)
                     await conn.executemany(
                         "INSERT OR IGNORE INTO outbox (key, subject, payload, headers, created_at) "
                         "VALUES (?, ?, ?, ?, ?)",
@@ -183,6 +192,9 @@ class Store:
                             for o in write.outbox
                         ],
                     )
+                    after = await _last_outbox_seq(conn)
+                    if after > before:
+                        inserted = (before + 1, after)
                 if write.parked:
                     await conn.executemany(
                         "INSERT OR IGNORE INTO parked (kind, id, stream, seq, command_id, subject, "
@@ -204,6 +216,12 @@ class Store:
                             )
                             for p in write.parked
                         ],
+                    )
+                if write.sent_ranges:
+                    await conn.executemany(
+                        "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1 "
+                        "WHERE seq BETWEEN ? AND ? AND status = 'pending'",
+                        [(at, first, last) for first, last, at in write.sent_ranges],
                     )
                 if write.sent:
                     await conn.executemany(
@@ -229,6 +247,7 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "committing a batch") from exc
+        return inserted
 
     # -- reads for start-up, the CLI and tests ---------------------------------------------------
     async def offset(self, stream: str) -> int:
@@ -337,6 +356,12 @@ class Store:
         except sqlite3.Error as exc:
             await _rollback(self._conn)
             raise map_sqlite_error(exc, "resetting state") from exc
+
+
+async def _last_outbox_seq(conn: aiosqlite.Connection) -> int:
+    async with conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
