@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from contextlib import AsyncExitStack
@@ -29,6 +30,19 @@ def mappings_config(subjects: Subjects) -> str:
         return ""
     lines = "\n".join(f'  "{src}": "{dst}"' for src, dst in mappings.items())
     return f"mappings {{\n{lines}\n}}\n"
+
+
+def tune_gc() -> None:
+    """Make the collector fit a router: few long-lived objects, many short-lived per batch.
+
+    A batch keeps a few thousand objects alive for its whole life, so with CPython's default
+    thresholds (700, 10, 10) they get promoted and trigger full collections every fraction of
+    a second that free nothing (measured: ~25% of the router's time, and most of its p99).
+    Start-up objects are frozen out of the collector, and the young generation is larger.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 async def run_up(ctx: Context, nats_url: str | None) -> int:
@@ -64,6 +78,7 @@ async def run_up(ctx: Context, nats_url: str | None) -> int:
                         signals.cancel()
 
                 await tg.start(serve)
+                tune_gc()
                 write_server_record(ctx.data_dir, url, embedded=embedded is not None)
                 where = "embedded nats-server" if embedded else "NATS"
                 print(
