@@ -7,6 +7,7 @@ in the booking (as if enriched upstream); preference-card enrichment comes with 
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
 import msgspec
@@ -139,12 +140,24 @@ def _fan_out(state: AppointmentState, command: Command[Any], event: Event) -> tu
     ]
     # A move to another facility releases the old facility's reservation and reserves anew.
     moves = isinstance(event, Rescheduled) and event.facility != state.facility
-    for item in after.items:
+    # An item listed twice is one reservation of quantity two (one effect key per item).
+    for item, quantity in Counter(after.items).items():
         if moves:
-            effects.append(_supply(command, state.facility, item, "release", state.id))
-            effects.append(_supply(command, after.facility, item, "reserve", state.id))
+            effects.append(_supply(command, state.facility, item, "release", state.id, quantity))
+            effects.append(_supply(command, after.facility, item, "reserve", state.id, quantity))
         else:
-            effects.append(_supply(command, after.facility, item, _SUPPLY_OP[change], state.id))
+            op = _SUPPLY_OP[change]
+            effects.append(_supply(command, after.facility, item, op, state.id, quantity))
+    if moves:
+        # The old facility's demand planning closes the case; the new one opens it.
+        effects.append(
+            Effect(
+                target=ActorRef("erp", state.facility),
+                name="record",
+                key=effect_key(command.id, "erp", state.facility),
+                payload={**note, "change": "moved_out", "date": state.date},
+            )
+        )
     effects.append(
         Effect(
             target=ActorRef("erp", after.facility),
@@ -164,12 +177,14 @@ _SUPPLY_OP = {
 }
 
 
-def _supply(command: Command[Any], facility: str, item: str, op: str, appointment: str) -> Effect:
+def _supply(
+    command: Command[Any], facility: str, item: str, op: str, appointment: str, quantity: int
+) -> Effect:
     return Effect(
         target=ActorRef("supply", f"{facility}:{item}"),
         name=op,
         key=effect_key(command.id, "supply", facility, item, op),
-        payload={"appointment": appointment, "quantity": 1},
+        payload={"appointment": appointment, "quantity": quantity},
     )
 
 

@@ -85,18 +85,17 @@ _WHITESPACE = b" \t\r\n"
 
 def sniff_format(data: bytes) -> WireFormat:
     """Tell JSON from msgpack by the first significant byte; raises DecodeError."""
-    if not data:
-        raise DecodeError("empty payload: expected a JSON object or a msgpack map")
-    first = data[0]
-    if first in _WHITESPACE:
-        stripped = data.lstrip(_WHITESPACE)
-        first = stripped[0] if stripped else 0
+    offset = len(data) - len(data.lstrip(_WHITESPACE))
+    if offset == len(data):
+        what = "empty payload" if not data else f"payload is only whitespace ({len(data)} bytes)"
+        raise DecodeError(f"{what}: expected a JSON object or a msgpack map")
+    first = data[offset]
     if first == 0x7B:  # '{'
         return WireFormat.JSON
-    if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):  # fixmap, map16, map32
+    if offset == 0 and (0x80 <= first <= 0x8F or first in (0xDE, 0xDF)):  # fixmap, map16, map32
         return WireFormat.MSGPACK
     raise DecodeError(
-        f"payload starts with byte 0x{first:02x} at offset 0: "
+        f"payload starts with byte 0x{first:02x} at offset {offset}: "
         "expected a JSON object or a msgpack map"
     )
 

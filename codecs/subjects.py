@@ -23,6 +23,7 @@ MAX_ID_LENGTH = 256
 # Characters that cannot appear raw in a NATS subject token, plus '%' itself so that the
 # encoding stays reversible.  Everything else (including ':' and non-ASCII) passes through.
 _RESERVED = frozenset(".*>% \t\r\n\f\v\x00/")
+_HEX = frozenset("0123456789ABCDEF")
 
 
 def encode_token(value: str) -> str:
@@ -41,7 +42,7 @@ def encode_token(value: str) -> str:
 
 
 def decode_token(token: str) -> str:
-    """Invert :func:`encode_token`; raises SubjectError on a malformed escape."""
+    """Invert :func:`encode_token`; raises SubjectError on a malformed or non-canonical escape."""
     if "%" not in token:
         return token
     raw = bytearray()
@@ -50,22 +51,28 @@ def decode_token(token: str) -> str:
         ch = token[i]
         if ch == "%":
             pair = token[i + 1 : i + 3]
-            try:
-                raw.append(int(pair, 16))
-            except ValueError:
-                raise SubjectError(
-                    f"bad escape %{pair!s} in subject token", code="bad_id"
-                ) from None
+            if len(pair) != 2 or any(c not in _HEX for c in pair):
+                raise SubjectError(f"bad escape %{pair!s} in subject token", code="bad_id")
+            raw.append(int(pair, 16))
             i += 3
         else:
             raw.extend(ch.encode())
             i += 1
     try:
-        return raw.decode()
+        value = raw.decode()
     except UnicodeDecodeError as exc:
         raise SubjectError(
             f"subject token is not UTF-8 after unescaping: {exc}", code="bad_id"
         ) from exc
+    # One id, one subject: escapes of characters that need none (or lower-case hex) would put
+    # the same entity on two subjects, and with partitions possibly in two partitions.
+    canonical = encode_token(value)
+    if canonical != token:
+        raise SubjectError(
+            f"subject token {token!r} is not in canonical form (expected {canonical!r})",
+            code="bad_id",
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,17 +303,19 @@ class PartitionWorker:
                 missing.add(p.key)
         if not prepared:
             return write
-        done_before = await self._store.applied_among([p.command.id for p in prepared])
+        done_before = await self._store.applied_among(
+            [(p.kind.name, p.command.entity, p.command.id) for p in prepared]
+        )
         loaded = await self._store.load_entities(list(missing)) if missing else {}
         tracker = BatchTracker()
         deliveries: list[Delivery] = []
-        seen: set[str] = set()
+        seen: set[tuple[str, str, str]] = set()
         for p in prepared:
-            command_id = p.command.id
-            if command_id in done_before or command_id in seen:
+            dedupe_key = (p.kind.name, p.command.entity, p.command.id)
+            if dedupe_key in done_before or dedupe_key in seen:
                 stats.duplicates += 1
                 continue
-            seen.add(command_id)
+            seen.add(dedupe_key)
             delivery = Delivery(p, tracker)
             self._actor(p.kind, p.command.entity, loaded).deliver(delivery)
             deliveries.append(delivery)
@@ -322,9 +324,8 @@ class PartitionWorker:
         for d in deliveries:
             self._record(d, write, touched, now)
         for (kind, entity), (actor, seq) in touched.items():
-            write.entities.append(
-                EntityRow(kind, entity, self._encoder.encode(actor.state), actor.parked, seq)
-            )
+            raw = actor.state if actor.load_error else self._encoder.encode(actor.state)
+            write.entities.append(EntityRow(kind, entity, raw, actor.parked, seq))
         return write
 
     def _record(
@@ -393,7 +394,8 @@ class PartitionWorker:
                 state = self._state_decoders[kind.name].decode(stored.state)
                 actor = EntityActor(kind, entity, state, stored.parked, self._settings.supervision)
             except msgspec.DecodeError as exc:
-                actor = EntityActor(kind, entity, None, False, self._settings.supervision)
+                # Keep the stored bytes as they are, for an operator to inspect or repair.
+                actor = EntityActor(kind, entity, stored.state, False, self._settings.supervision)
                 actor.load_error = f"stored state does not decode: {exc}"
         self._actors[key] = actor
         assert self._actors_tg is not None, "actors are only created inside the pipeline"

@@ -25,14 +25,16 @@ DDL = (
         PRIMARY KEY (kind, id)
     ) WITHOUT ROWID""",
     # Dedupe records: kept for store.dedupe_retention_s, far longer than JetStream's window.
+    # Keyed per entity: a command id reused for another entity is not a duplicate.
     """CREATE TABLE IF NOT EXISTS applied (
-        command_id TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
         entity TEXT NOT NULL,
+        command_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
         outcome TEXT NOT NULL,
         reason TEXT NOT NULL DEFAULT '',
-        applied_at REAL NOT NULL
+        applied_at REAL NOT NULL,
+        PRIMARY KEY (kind, entity, command_id)
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS applied_by_time ON applied (applied_at)",
     # Outbox and effect ledger: one row per idempotency key; 'sent' rows are what a replay

@@ -69,7 +69,11 @@ class Store:
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, f"opening store {path}") from exc
         store = cls(conn, path)
-        await store._check_version()
+        try:
+            await store._check_version()
+        except BaseException:
+            await conn.close()
+            raise
         return store
 
     async def _check_version(self) -> None:
@@ -121,16 +125,21 @@ class Store:
             raise map_sqlite_error(exc, "loading entities") from exc
         return found
 
-    async def applied_among(self, command_ids: Sequence[str]) -> set[str]:
-        """The command ids among ``command_ids`` that already reached an outcome."""
-        seen: set[str] = set()
+    async def applied_among(
+        self, keys: Sequence[tuple[str, str, str]]
+    ) -> set[tuple[str, str, str]]:
+        """The (kind, entity, command id) keys among ``keys`` that already reached an outcome."""
+        seen: set[tuple[str, str, str]] = set()
         try:
-            for chunk in _chunks(command_ids):
-                marks = ",".join("?" * len(chunk))
+            for chunk in _chunks(keys):
+                values = ",".join("(?, ?, ?)" for _ in chunk)
+                params = [part for key in chunk for part in key]
                 async with self._conn.execute(
-                    f"SELECT command_id FROM applied WHERE command_id IN ({marks})", list(chunk)
+                    "SELECT kind, entity, command_id FROM applied "
+                    f"WHERE (kind, entity, command_id) IN (VALUES {values})",
+                    params,
                 ) as cur:
-                    seen.update(row[0] for row in await cur.fetchall())
+                    seen.update((k, e, c) for k, e, c in await cur.fetchall())
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "reading dedupe records") from exc
         return seen
@@ -153,8 +162,10 @@ class Store:
     ) -> tuple[int, int] | None:
         inserted: tuple[int, int] | None = None
         try:
-            await conn.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the guard: a cancellation while waiting for the lock must not leave
+                # the shared connection in an open transaction.
+                await conn.execute("BEGIN IMMEDIATE")
                 if write.entities:
                     await conn.executemany(
                         "INSERT INTO entities (kind, id, state, parked, seq) "
@@ -165,9 +176,9 @@ class Store:
                     )
                 if write.applied:
                     await conn.executemany(
-                        "INSERT OR IGNORE INTO applied "
+                        "INSERT INTO applied "
                         "(command_id, kind, entity, seq, outcome, reason, applied_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         [
                             (
                                 a.command_id,
@@ -185,8 +196,8 @@ class Store:
                     now = time.time()
                     before = await _last_outbox_seq(conn)
                     await conn.executemany(
-                        "INSERT OR IGNORE INTO outbox (key, subject, payload, headers, created_at) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO outbox (key, subject, payload, headers, created_at) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                         [
                             (o.key, o.subject, o.payload, _dump_headers(o.headers), now)
                             for o in write.outbox
@@ -197,9 +208,9 @@ class Store:
                         inserted = (before + 1, after)
                 if write.parked:
                     await conn.executemany(
-                        "INSERT OR IGNORE INTO parked (kind, id, stream, seq, command_id, subject, "
+                        "INSERT INTO parked (kind, id, stream, seq, command_id, subject, "
                         "data, headers, reason, failures, parked_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         [
                             (
                                 p.kind,
@@ -302,10 +313,11 @@ class Store:
             for k, i, st, sq, c, su, d, h, r, f, at in rows
         ]
 
-    async def outcome(self, command_id: str) -> tuple[str, str] | None:
-        """(outcome, reason) recorded for a command id, or None."""
+    async def outcome(self, kind: str, entity: str, command_id: str) -> tuple[str, str] | None:
+        """(outcome, reason) recorded for a command of one entity, or None."""
         async with self._conn.execute(
-            "SELECT outcome, reason FROM applied WHERE command_id = ?", (command_id,)
+            "SELECT outcome, reason FROM applied WHERE kind = ? AND entity = ? AND command_id = ?",
+            (kind, entity, command_id),
         ) as cur:
             row = await cur.fetchone()
         return (str(row[0]), str(row[1])) if row else None
@@ -365,8 +377,9 @@ async def _last_outbox_seq(conn: aiosqlite.Connection) -> int:
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
+    # Shielded: when the commit was cancelled, the rollback must still reach the connection.
     # No transaction open, or the connection is gone: nothing was committed either way.
-    with contextlib.suppress(sqlite3.Error, ValueError):
+    with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error, ValueError):
         await conn.execute("ROLLBACK")
 
 

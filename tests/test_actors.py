@@ -114,7 +114,14 @@ def test_book_records_the_booking_and_fans_out_to_billing_supply_and_erp() -> No
 @pytest.mark.parametrize(
     ("name", "payload", "change", "supply_op", "status", "date"),
     [
-        ("reschedule", Reschedule(date="2027-04-02"), "rescheduled", "hold", "booked", "2027-04-02"),
+        (
+            "reschedule",
+            Reschedule(date="2027-04-02"),
+            "rescheduled",
+            "hold",
+            "booked",
+            "2027-04-02",
+        ),
         (
             "reschedule",
             Reschedule(date="2027-04-02", facility="F1"),
@@ -177,12 +184,7 @@ def test_reschedule_to_another_facility_releases_at_the_old_and_reserves_at_the_
         assert states[("supply", f"F2:{item}")].reservations == {"A1": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a reschedule to another facility only records at the new facility's ERP; "
-    "the old facility's ERP keeps the moved appointment as an open case forever",
-)
-def test_reschedule_to_another_facility_closes_the_case_at_the_old_erp() -> None:
+def test_reschedule_to_another_facility_moves_the_erp_case_to_the_new_facility() -> None:
     states: dict[tuple[str, str], Any] = {}
     deliver_all(states, booked_effects())
     _, decision = accept(
@@ -197,12 +199,22 @@ def test_reschedule_to_another_facility_closes_the_case_at_the_old_erp() -> None
 def test_rebooking_a_cancelled_appointment_is_accepted() -> None:
     state, _ = accept(appointment.KIND, booked(), cmd("cancel", Cancel(), id="c"))
     state, decision = accept(
-        appointment.KIND, state, cmd("book", Book(procedure="hip", facility="F3", date="2027-07-07"))
+        appointment.KIND,
+        state,
+        cmd("book", Book(procedure="hip", facility="F3", date="2027-07-07")),
     )
-    assert (state.status, state.procedure, state.facility, state.items) == ("booked", "hip", "F3", ())
+    assert (state.status, state.procedure, state.facility, state.items) == (
+        "booked",
+        "hip",
+        "F3",
+        (),
+    )
     assert state.version == 3
     # no items: billing and erp only
-    assert [e.target for e in decision.effects] == [ActorRef("billing", "A1"), ActorRef("erp", "F3")]
+    assert [e.target for e in decision.effects] == [
+        ActorRef("billing", "A1"),
+        ActorRef("erp", "F3"),
+    ]
 
 
 # -- appointment: idempotency keys --------------------------------------------------------------
@@ -313,7 +325,9 @@ def test_replaying_the_fan_out_rebuilds_billing_supply_and_erp() -> None:
         for effect in decision.effects:
             kind, command = as_command(effect)
             key = (kind.name, command.entity)
-            live[key], accepted = accept(kind, live.get(key) or kind.initial(command.entity), command)
+            live[key], accepted = accept(
+                kind, live.get(key) or kind.initial(command.entity), command
+            )
             events.setdefault(key, []).extend(accepted.events)
 
     for (kind_name, entity), kind_events in events.items():
@@ -461,3 +475,14 @@ def test_default_registry_hosts_the_four_kinds() -> None:
     assert set(registry.kinds) == {"appointment", "billing", "supply", "erp"}
     assert "supply" in registry
     assert registry.get("nosuch") is None
+
+
+def test_an_item_listed_twice_is_one_reservation_of_quantity_two() -> None:
+    book = Book(procedure="knee", facility="F1", date="2027-03-01", items=("gauze", "gauze"))
+    _, decision = accept(appointment.KIND, appointment.initial("A1"), cmd("book", book))
+    supply_effects = [e for e in decision.effects if e.target == ActorRef("supply", "F1:gauze")]
+    assert len(supply_effects) == 1
+    assert supply_effects[0].payload["quantity"] == 2
+    kind, command = as_command(supply_effects[0])
+    state, _ = accept(kind, kind.initial("F1:gauze"), command)
+    assert state.reserved == 2

@@ -1,0 +1,831 @@
+"""The router pipeline on the in-memory transport with a real SQLite store.
+
+Order, fan-out, dedupe, dead letters, parking, restarts, passivation, publish retries and
+``replay rebuild`` — everything the runtime promises, without a broker.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+import pytest
+
+from caresync.actors import Accepted, Command, EntityKind, Registry, default_registry
+from caresync.actors.appointment import AppointmentState
+from caresync.actors.billing import BillingState
+from caresync.actors.erp import ErpState
+from caresync.actors.supply import SupplyState
+from caresync.codecs import Subjects, encode_envelope, make_envelope
+from caresync.router.actor import Supervision
+from caresync.router.memory_transport import MemoryTransport, subject_matches
+from caresync.router.outbox_rows import H_CODE, H_REASON, H_SEQ, H_STREAM, H_SUBJECT
+from caresync.router.replay import rebuild
+from caresync.router.runtime import Router, RouterSettings
+from caresync.router.transport import Inbound
+from caresync.router.worker import WorkerSettings
+from caresync.store import BatchWrite, EntityRow, Store
+
+pytestmark = pytest.mark.anyio
+
+S = Subjects()
+IN = S.input_stream(0)
+T0 = datetime(2027, 1, 1, 8, 0, tzinfo=UTC)
+ITEMS = ("gauze", "suture")
+STEPS = ("book", "reschedule", "reschedule", "reschedule", "complete")
+LAST_DATE = "2027-02-03"  # the date of the last reschedule in STEPS
+SUPPLY_OP = {"book": "reserve", "reschedule": "hold", "cancel": "release", "complete": "consume"}
+T = TypeVar("T")
+
+
+# -- fixtures and helpers -----------------------------------------------------------------------
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(tmp_path / "router.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def transport() -> MemoryTransport:
+    t = MemoryTransport()
+    t.add_stream(IN, S.input_stream_subjects(0))
+    t.add_stream(S.output_stream, [f"{S.prefix}.out.>"])
+    t.add_stream(S.dead_letter_stream, [f"{S.prefix}.dlq.>"])
+    return t
+
+
+def make_router(
+    transport: MemoryTransport,
+    store: Store,
+    *,
+    registry: Registry | None = None,
+    **worker: Any,
+) -> Router:
+    settings = RouterSettings(
+        worker=WorkerSettings(**{"pull_timeout_s": 0.02, **worker}),
+        publish_retry_initial_s=0.001,
+        publish_retry_max_s=0.01,
+    )
+    return Router(
+        transport=transport,
+        store=store,
+        registry=registry or default_registry(),
+        subjects=S,
+        settings=settings,
+    )
+
+
+@asynccontextmanager
+async def running(router: Router) -> AsyncIterator[Router]:
+    """Run the router in a task group; stop it (draining) when the block ends."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(router.run)
+        try:
+            yield router
+        finally:
+            router.stop()
+
+
+async def settle(
+    router: Router, transport: MemoryTransport, store: Store, timeout_s: float = 10.0
+) -> None:
+    """Wait until every input message is applied and committed and every effect is sent.
+
+    Fan-out appends more input messages, so this loops until the stream stops growing: the
+    committed offset is the stream's end and no outbox row is pending.
+    """
+    stream = transport.streams[IN]
+    with anyio.fail_after(timeout_s):
+        while True:
+            length = len(stream.messages)
+            committed = await store.offset(IN)
+            pending = (await store.counts())["outbox_pending"]
+            if (
+                committed == length == len(stream.messages)
+                and router.workers[0].stats.last_seq == length
+                and pending == 0
+            ):
+                return
+            await anyio.sleep(0.01)
+
+
+@dataclass(frozen=True, slots=True)
+class Cmd:
+    """One command published to the input stream."""
+
+    id: str
+    kind: str
+    entity: str
+    name: str
+    payload: Any
+    subject: str
+    data: bytes
+
+
+def command(
+    entity: str,
+    name: str,
+    payload: Any = None,
+    *,
+    id: str,
+    kind: str = "appointment",
+    minutes: int = 0,
+    **envelope: Any,
+) -> Cmd:
+    env = make_envelope(
+        id=id,
+        kind=f"{kind}.{name}",
+        entity=entity,
+        payload=payload,
+        occurred_at=T0 + timedelta(minutes=minutes),
+        **envelope,
+    )
+    return Cmd(id, kind, entity, name, payload, S.command(kind, entity), encode_envelope(env))
+
+
+def book_payload(facility: str, items: Iterable[str] = ITEMS) -> dict[str, Any]:
+    return {"procedure": "knee", "facility": facility, "date": "2027-01-01", "items": list(items)}
+
+
+def publish(transport: MemoryTransport, cmds: Iterable[Cmd], *, msg_id: bool = True) -> None:
+    for c in cmds:
+        transport.append(c.subject, c.data, {"Nats-Msg-Id": c.id} if msg_id else None)
+
+
+def lifecycles(appointments: int, *, seed: int, items: tuple[str, ...] = ITEMS) -> list[Cmd]:
+    """Each appointment booked, rescheduled 3 times (later dates), completed; interleaved.
+
+    Per-entity order is kept, across entities it is shuffled.  Applied out of order, a
+    reschedule before its booking is rejected and the final date differs.
+    """
+    rng = random.Random(seed)
+    per_entity: list[list[Cmd]] = []
+    for a in range(appointments):
+        appt = f"A{a}"
+        steps = []
+        for step, name in enumerate(STEPS):
+            payload: Any = None
+            if name == "book":
+                payload = book_payload(f"F{a % 3}", items)
+            elif name == "reschedule":
+                payload = {"date": f"2027-02-{step:02d}"}
+            steps.append(command(appt, name, payload, id=f"{appt}-{step}", minutes=step))
+        per_entity.append(steps)
+    order: list[Cmd] = []
+    while per_entity:
+        queue = rng.choice(per_entity)
+        order.append(queue.pop(0))
+        if not queue:
+            per_entity.remove(queue)
+    return order
+
+
+def messages(transport: MemoryTransport, stream: str, pattern: str = ">") -> list[Inbound]:
+    return [m for m in transport.streams[stream].messages if subject_matches(pattern, m.subject)]
+
+
+def msg_ids(transport: MemoryTransport, pattern: str) -> list[str]:
+    return [(m.headers or {}).get("Nats-Msg-Id", "") for m in messages(transport, IN, pattern)]
+
+
+async def states(store: Store, kind: str, state_type: type[T]) -> dict[str, T]:
+    return {
+        e.id: msgspec.msgpack.decode(e.state, type=state_type) for e in await store.entities(kind)
+    }
+
+
+async def check_lifecycles_done(store: Store, appointments: int, items: tuple[str, ...]) -> None:
+    """Every appointment of :func:`lifecycles` applied exactly once, and its fan-out too."""
+    appts = await states(store, "appointment", AppointmentState)
+    assert set(appts) == {f"A{a}" for a in range(appointments)}
+    wrong = {
+        k: (v.status, v.date, v.version)
+        for k, v in appts.items()
+        if (v.status, v.date, v.version) != ("completed", LAST_DATE, len(STEPS))
+    }
+    assert wrong == {}
+    bills = await states(store, "billing", BillingState)
+    assert {k: (v.changes, v.billable) for k, v in bills.items()} == {
+        k: (len(STEPS), 1) for k in appts
+    }
+    per_facility = Counter(f"F{a % 3}" for a in range(appointments))
+    supplies = await states(store, "supply", SupplyState)
+    assert {k: (v.reservations, v.consumed, v.changes) for k, v in supplies.items()} == {
+        f"{f}:{item}": ({}, n, n * len(STEPS)) for f, n in per_facility.items() for item in items
+    }
+    erps = await states(store, "erp", ErpState)
+    assert {k: (v.open_cases, v.changes) for k, v in erps.items()} == {
+        f: ({}, n * len(STEPS)) for f, n in per_facility.items()
+    }
+
+
+# -- order --------------------------------------------------------------------------------------
+async def test_per_entity_order_holds_across_many_interleaved_entities(
+    transport: MemoryTransport, store: Store
+) -> None:
+    cmds = lifecycles(200, seed=20270101)
+    publish(transport, cmds)
+    router = make_router(transport, store, batch_size=17)
+
+    async with running(router):
+        await settle(router, transport, store)
+
+    stats = router.workers[0].stats
+    assert stats.batches > len(cmds) // 17
+    assert (stats.rejected, stats.dead_lettered, stats.parked, stats.duplicates) == (0, 0, 0, 0)
+    assert stats.accepted == len(cmds) * (1 + len(ITEMS) + 1 + 1)
+    assert messages(transport, S.dead_letter_stream) == []
+    await check_lifecycles_done(store, 200, ITEMS)
+
+
+# -- effects ------------------------------------------------------------------------------------
+async def test_each_accepted_command_fans_out_exactly_once_with_deterministic_keys(
+    transport: MemoryTransport, store: Store
+) -> None:
+    # Hostile ids on purpose: they travel in subjects, percent-encoded.
+    plans = [(f"A{i}", f"F{i % 2}", tuple(f"item{j}" for j in range(i % 4))) for i in range(10)] + [
+        ("HOSP:A 1.2/x*>%", "OR 2.1", ("gauze", "ü.ber"))
+    ]
+    cmds: list[Cmd] = []
+    expected_ids: list[str] = []
+    completed: list[Cmd] = []
+    for n, (appt, facility, items) in enumerate(plans):
+        last = "complete" if n % 2 == 0 else "cancel"
+        steps: list[tuple[str, Any]] = [
+            ("book", book_payload(facility, items)),
+            ("reschedule", {"date": "2027-05-05"}),
+            (last, None),
+        ]
+        for step, (name, payload) in enumerate(steps):
+            c = command(appt, name, payload, id=f"{appt}#{step}")
+            cmds.append(c)
+            expected_ids.append(f"{c.id}:billing")
+            expected_ids += [f"{c.id}:supply:{facility}:{i}:{SUPPLY_OP[name]}" for i in items]
+            expected_ids.append(f"{c.id}:erp:{facility}")
+            if name == "complete":
+                completed.append(c)
+    publish(transport, cmds)
+    router = make_router(transport, store, batch_size=5)
+
+    async with running(router):
+        await settle(router, transport, store)
+
+    internal = msg_ids(transport, "cs.int.>")
+    assert len(internal) == len(set(internal)) == sum(2 + len(p[2]) for p in plans) * 3
+    assert sorted(internal) == sorted(expected_ids)
+    assert router.publisher.stats.duplicates == 0
+    # one charge per completed appointment, downstream, correlated with the completion
+    charges = messages(transport, S.output_stream, "cs.out.billing.*")
+    assert sorted(m.subject for m in charges) == sorted(
+        S.downstream("billing", c.entity) for c in completed
+    )
+    assert messages(transport, S.output_stream) == charges
+    envelopes = {m.subject: (m, msgspec.json.decode(m.data)) for m in charges}
+    for c in completed:
+        m, env = envelopes[S.downstream("billing", c.entity)]
+        assert env["kind"] == "billing.charge"
+        assert env["entity"] == c.entity
+        assert env["id"] == (m.headers or {})["Nats-Msg-Id"] == f"{c.id}:billing:charge"
+        assert env["causation_id"] == f"{c.id}:billing"
+        assert env["correlation_id"] == c.id
+        assert env["data"] == {"appointment": c.entity, "procedure": "knee"}
+    hostile = (await states(store, "appointment", AppointmentState))["HOSP:A 1.2/x*>%"]
+    assert (hostile.status, hostile.facility, hostile.version) == ("completed", "OR 2.1", 3)
+
+
+# -- duplicates ---------------------------------------------------------------------------------
+async def test_a_command_id_is_applied_once_within_a_batch_across_batches_and_restarts(
+    transport: MemoryTransport, store: Store
+) -> None:
+    book = command("A1", "book", book_payload("F1"), id="dup-1")
+    fanout = 1 + len(ITEMS) + 1
+
+    async def check_applied_once() -> None:
+        appt = (await states(store, "appointment", AppointmentState))["A1"]
+        assert (appt.status, appt.version) == ("booked", 1)
+        assert (await states(store, "billing", BillingState))["A1"].changes == 1
+        assert len(msg_ids(transport, "cs.int.>")) == fanout
+        assert messages(transport, S.dead_letter_stream) == []
+
+    # No Msg-Id: the transport stores every copy, the router must drop them.
+    publish(transport, [book, book], msg_id=False)  # one batch
+    first = make_router(transport, store)
+    async with running(first):
+        await settle(first, transport, store)
+        assert first.workers[0].stats.duplicates == 1
+        await check_applied_once()
+
+        publish(transport, [book], msg_id=False)  # a later batch
+        await settle(first, transport, store)
+        assert first.workers[0].stats.duplicates == 2
+        assert first.workers[0].stats.accepted == 1 + fanout
+        await check_applied_once()
+
+    second = make_router(transport, store)
+    publish(transport, [book], msg_id=False)  # after a restart
+    async with running(second):
+        await settle(second, transport, store)
+        assert (second.workers[0].stats.duplicates, second.workers[0].stats.accepted) == (1, 0)
+        await check_applied_once()
+    assert len(messages(transport, IN, "cs.in.>")) == 4
+
+
+# -- dead letters -------------------------------------------------------------------------------
+BOOK_A1 = book_payload("F1")
+BAD_INPUTS: list[tuple[str, str, bytes, str, str]] = [
+    # (what, subject, data, code, a fragment of the reason)
+    ("garbage", "cs.in.appointment.A1", b"\x00\xffgarbage", "undecodable", "0x00 at offset 0"),
+    (
+        "unknown kind",
+        "cs.in.nosuch.X",
+        command("X", "do", {"a": 1}, id="bad-kind", kind="nosuch").data,
+        "unknown_kind",
+        "unknown entity kind 'nosuch'",
+    ),
+    (
+        "unknown command",
+        "cs.in.appointment.A1",
+        command("A1", "fly", None, id="bad-cmd").data,
+        "unknown_command",
+        "unknown command 'appointment.fly'",
+    ),
+    (
+        "entity mismatch",
+        "cs.in.appointment.A1",
+        command("B2", "book", BOOK_A1, id="bad-entity").data,
+        "entity_mismatch",
+        "$.entity 'B2' does not match",
+    ),
+    (
+        "kind mismatch",
+        "cs.in.appointment.A1",
+        command("A1", "track", {"appointment": "A1", "change": "x"}, id="k", kind="billing").data,
+        "kind_mismatch",
+        "'billing'",
+    ),
+    (
+        "schema too new",
+        "cs.in.appointment.A1",
+        command("A1", "book", BOOK_A1, id="bad-version", schema_version=2).data,
+        "unsupported_version",
+        "$.schema_version 2",
+    ),
+    (
+        "payload type error",
+        "cs.in.appointment.A1",
+        command("A1", "book", {**BOOK_A1, "date": 20270101}, id="bad-type").data,
+        "undecodable",
+        "$.data.date",
+    ),
+    (
+        "missing payload",
+        "cs.in.appointment.A1",
+        command("A1", "book", None, id="no-payload").data,
+        "undecodable",
+        "procedure",
+    ),
+    (
+        "empty id",
+        "cs.in.appointment.A1",
+        b'{"id":"","kind":"appointment.complete","entity":"A1","occurred_at":"2027-01-01T00:00:00Z"}',
+        "missing_id",
+        "$.id",
+    ),
+    (
+        "subject too short",
+        "cs.in.appointment",
+        command("A1", "complete", id="short").data,
+        "bad_subject",
+        "cs.in.<kind>.<entity>",
+    ),
+    (
+        "bad escape in subject",
+        "cs.in.appointment.A%zz",
+        command("A%zz", "complete", id="esc").data,
+        "bad_id",
+        "bad escape",
+    ),
+]
+
+
+async def test_bad_inputs_are_dead_lettered_raw_and_later_good_messages_still_flow(
+    transport: MemoryTransport, store: Store
+) -> None:
+    good: list[Cmd] = []
+    for n, (_, subject, data, _, _) in enumerate(BAD_INPUTS):
+        transport.append(subject, data, {"Nats-Msg-Id": f"bad-{n}", "X-Source": "emr"})
+        ok = command(f"OK{n}", "book", book_payload("F1"), id=f"ok-{n}")
+        good.append(ok)
+        publish(transport, [ok])
+    router = make_router(transport, store, batch_size=4)
+
+    async with running(router):
+        await settle(router, transport, store)
+
+    dead = messages(transport, S.dead_letter_stream)
+    assert len(dead) == len(BAD_INPUTS)
+    assert router.workers[0].stats.dead_lettered == len(BAD_INPUTS)
+    for n, (m, (what, subject, data, code, fragment)) in enumerate(
+        zip(dead, BAD_INPUTS, strict=True)
+    ):
+        headers = m.headers or {}
+        assert m.data == data, what
+        assert m.subject == f"cs.dlq.{code}", what
+        assert headers[H_CODE] == code, what
+        assert fragment in headers[H_REASON], (what, headers[H_REASON])
+        assert headers[H_SUBJECT] == subject
+        assert (headers[H_STREAM], headers[H_SEQ]) == (IN, str(2 * n + 1))
+        assert headers["X-Source"] == "emr"  # the input's own headers are kept
+        assert headers["Nats-Msg-Id"] == f"dlq:{IN}:{2 * n + 1}"
+    appts = await states(store, "appointment", AppointmentState)
+    assert set(appts) == {c.entity for c in good}
+    assert all(a.status == "booked" for a in appts.values())
+    assert router.workers[0].stats.rejected == 0
+
+
+async def test_a_business_rejection_is_dead_lettered_and_recorded(
+    transport: MemoryTransport, store: Store
+) -> None:
+    cancel = command("A9", "cancel", {"reason": "early"}, id="cancel-early")
+    publish(transport, [cancel])
+    router = make_router(transport, store)
+
+    async with running(router):
+        await settle(router, transport, store)
+        reason = "appointment A9 is new, not booked: cannot cancel"
+        [dead] = messages(transport, S.dead_letter_stream)
+        assert dead.subject == "cs.dlq.rejected"
+        assert dead.data == cancel.data
+        assert (dead.headers or {})[H_CODE] == "rejected"
+        assert (dead.headers or {})[H_REASON] == reason
+        assert await store.outcome("appointment", "A9", "cancel-early") == ("rejected", reason)
+        assert await store.entities("appointment") == []  # a rejection changes no state
+        assert msg_ids(transport, "cs.int.>") == []
+
+        # The same command again is a duplicate of the rejected one, not a second rejection.
+        publish(transport, [cancel], msg_id=False)
+        publish(transport, [command("A9", "book", book_payload("F1"), id="book-late")])
+        await settle(router, transport, store)
+
+    stats = router.workers[0].stats
+    assert (stats.rejected, stats.duplicates) == (1, 1)
+    assert len(messages(transport, S.dead_letter_stream)) == 1
+    appt = (await states(store, "appointment", AppointmentState))["A9"]
+    assert (appt.status, appt.version) == ("booked", 1)
+
+
+# -- poison messages ----------------------------------------------------------------------------
+class Poke(msgspec.Struct, kw_only=True, frozen=True):
+    poison: bool = False
+
+
+class Poked(msgspec.Struct, frozen=True, tag="poked"):
+    command_id: str
+
+
+class WidgetState(msgspec.Struct, kw_only=True, frozen=True):
+    id: str
+    pokes: tuple[str, ...] = ()
+
+
+def widget_kind(attempts: Counter[str]) -> EntityKind[WidgetState, Poked]:
+    """A kind whose decide raises on ``{"poison": true}``, counting attempts per command."""
+
+    def decide(state: WidgetState, command: Command[Any]) -> Accepted[Poked]:
+        attempts[command.id] += 1
+        if command.payload.poison:
+            raise RuntimeError(f"poison pill in {command.id}")
+        return Accepted(events=(Poked(command.id),))
+
+    def evolve(state: WidgetState, event: Poked) -> WidgetState:
+        return msgspec.structs.replace(state, pokes=(*state.pokes, event.command_id))
+
+    return EntityKind(
+        name="widget",
+        state_type=WidgetState,
+        commands={"poke": Poke},
+        initial=lambda entity: WidgetState(id=entity),
+        decide=decide,
+        evolve=evolve,
+    )
+
+
+async def test_a_poison_message_parks_its_entity_while_others_keep_flowing(
+    transport: MemoryTransport, store: Store
+) -> None:
+    attempts: Counter[str] = Counter()
+    registry = Registry.of(widget_kind(attempts), *default_registry().kinds.values())
+    supervision = Supervision(max_failures=3, backoff_initial_s=0.001, backoff_max_s=0.01)
+
+    def poke(entity: str, n: int, poison: bool = False) -> Cmd:
+        return command(entity, "poke", {"poison": poison}, id=f"{entity}-{n}", kind="widget")
+
+    w1 = [poke("W1", 0), poke("W1", 1, poison=True), poke("W1", 2), poke("W1", 3)]
+    w2 = [poke("W2", n) for n in range(4)]
+    interleaved = [c for pair in zip(w1, w2, strict=True) for c in pair]
+    publish(transport, [*interleaved, command("A1", "book", book_payload("F1"), id="a1-book")])
+
+    def start() -> Router:
+        return make_router(
+            transport, store, registry=registry, batch_size=3, supervision=supervision
+        )
+
+    router = start()
+    async with running(router):
+        await settle(router, transport, store)
+    assert router.workers[0].stats.parked == 3
+
+    assert attempts["W1-1"] == 3  # tried max_failures times, then parked
+    rows = await store.parked("widget", "W1")
+    assert [r.command_id for r in rows] == ["W1-1", "W1-2", "W1-3"]
+    assert [r.data for r in rows] == [c.data for c in w1[1:]]
+    assert "RuntimeError: poison pill in W1-1" in rows[0].reason
+    assert rows[0].failures == 3
+    assert all(r.reason == "entity is parked" for r in rows[1:])
+    assert [r.seq for r in rows] == sorted(r.seq for r in rows)
+    assert await store.outcome("widget", "W1", "W1-1") is None
+    stored = await store.entity("widget", "W1")
+    assert stored is not None
+    assert stored.parked
+    widgets = await states(store, "widget", WidgetState)
+    assert widgets["W1"].pokes == ("W1-0",)
+    assert widgets["W2"].pokes == ("W2-0", "W2-1", "W2-2", "W2-3")
+    w2_row = await store.entity("widget", "W2")
+    assert w2_row is not None
+    assert not w2_row.parked
+    appt = (await states(store, "appointment", AppointmentState))["A1"]
+    assert appt.status == "booked"
+    counts = await store.counts()
+    assert (counts["parked_entities"], counts["parked_messages"]) == (1, 3)
+
+    # Parked survives a restart: a new message for W1 queues behind, W2 still flows.
+    publish(transport, [poke("W1", 4), poke("W2", 4)])
+    again = start()
+    async with running(again):
+        await settle(again, transport, store)
+    assert [r.command_id for r in await store.parked("widget", "W1")] == [
+        "W1-1",
+        "W1-2",
+        "W1-3",
+        "W1-4",
+    ]
+    assert attempts["W1-4"] == 0
+    widgets = await states(store, "widget", WidgetState)
+    assert widgets["W1"].pokes == ("W1-0",)
+    assert widgets["W2"].pokes[-1] == "W2-4"
+
+
+async def _run_on_corrupt_state(transport: MemoryTransport, store: Store) -> None:
+    await store.commit(
+        BatchWrite(entities=[EntityRow("appointment", "A1", CORRUPT, parked=False, seq=3)])
+    )
+    publish(
+        transport,
+        [
+            command("A1", "complete", id="c1"),
+            command("A2", "book", book_payload("F1"), id="b2"),
+        ],
+    )
+    router = make_router(transport, store)
+    async with running(router):
+        await settle(router, transport, store)
+
+
+CORRUPT = b"\xc1 not msgpack"
+
+
+async def test_an_undecodable_stored_state_parks_the_entity(
+    transport: MemoryTransport, store: Store
+) -> None:
+    await _run_on_corrupt_state(transport, store)
+
+    [row] = await store.parked("appointment", "A1")
+    assert row.command_id == "c1"
+    assert "stored state does not decode" in row.reason
+    stored = await store.entity("appointment", "A1")
+    assert stored is not None
+    assert stored.parked
+    other = await store.entity("appointment", "A2")
+    assert other is not None
+    assert msgspec.msgpack.decode(other.state, type=AppointmentState).status == "booked"
+
+
+async def test_parking_on_an_undecodable_state_keeps_the_stored_bytes(
+    transport: MemoryTransport, store: Store
+) -> None:
+    await _run_on_corrupt_state(transport, store)
+
+    stored = await store.entity("appointment", "A1")
+    assert stored is not None
+    assert stored.state == CORRUPT
+
+
+# -- restarts -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["stop", "crash"])
+async def test_a_router_stopped_mid_stream_resumes_and_applies_everything_once(
+    transport: MemoryTransport, store: Store, how: str
+) -> None:
+    appointments = 60
+    publish(transport, lifecycles(appointments, seed=7))
+    stream = transport.streams[IN]
+
+    first = make_router(transport, store, batch_size=7)
+    async with anyio.create_task_group() as tg:
+        await tg.start(first.run)
+        with anyio.fail_after(10):
+            while True:  # poll until some, not all, is committed
+                if await store.offset(IN) >= 100:
+                    break
+                await anyio.sleep(0.001)
+        if how == "stop":  # graceful: what was pulled is drained
+            first.stop()
+        else:  # abrupt: whatever is in flight is abandoned
+            tg.cancel_scope.cancel()
+    if how == "crash":
+        # As after a crashed process: its connection is gone, SQLite rolls back what was open.
+        await store.close()
+    async with await Store.open(store.path) as resumed:
+        stopped_at = await resumed.offset(IN)
+        assert 100 <= stopped_at < len(stream.messages)  # some, not all
+
+        second = make_router(transport, resumed, batch_size=7)
+        async with running(second):
+            await settle(second, transport, resumed)
+
+        assert first.workers[0].stats.rejected == second.workers[0].stats.rejected == 0
+        assert messages(transport, S.dead_letter_stream) == []
+        await check_lifecycles_done(resumed, appointments, ITEMS)
+    internal = msg_ids(transport, "cs.int.>")
+    assert len(internal) == len(set(internal)) == appointments * len(STEPS) * (2 + len(ITEMS))
+    charges = messages(transport, S.output_stream, "cs.out.billing.*")
+    assert sorted(m.subject for m in charges) == sorted(
+        S.downstream("billing", f"A{a}") for a in range(appointments)
+    )
+
+
+# -- passivation --------------------------------------------------------------------------------
+async def test_passivated_entities_are_loaded_back_from_the_store(
+    transport: MemoryTransport, store: Store
+) -> None:
+    publish(
+        transport,
+        [
+            command(f"A{a}", "book", book_payload(f"F{a % 3}", ("gauze",)), id=f"b{a}")
+            for a in range(100)
+        ],
+    )
+    router = make_router(transport, store, max_live_actors=10, batch_size=20)
+
+    async with running(router):
+        await settle(router, transport, store)
+        worker = router.workers[0]
+        assert worker.live_actors <= 10
+        assert worker.stats.passivated > 0
+        evicted = worker.stats.passivated
+
+        publish(
+            transport,
+            [
+                command("A0", "reschedule", {"date": "2027-09-09"}, id="r0"),
+                command("A1", "complete", None, id="c1"),
+            ],
+        )
+        await settle(router, transport, store)
+        assert worker.live_actors <= 10
+        assert worker.stats.passivated > evicted
+
+    assert router.workers[0].stats.rejected == 0
+    appts = await states(store, "appointment", AppointmentState)
+    assert (appts["A0"].status, appts["A0"].date, appts["A0"].version) == (
+        "booked",
+        "2027-09-09",
+        2,
+    )
+    assert (appts["A1"].status, appts["A1"].version) == ("completed", 2)
+    assert all(appts[f"A{a}"].version == 1 for a in range(2, 100))
+    bills = await states(store, "billing", BillingState)
+    assert (bills["A0"].changes, bills["A1"].changes, bills["A1"].billable) == (2, 2, 1)
+    supplies = await states(store, "supply", SupplyState)
+    assert len(supplies["F0:gauze"].reservations) == 34
+    assert "A1" not in supplies["F1:gauze"].reservations
+    assert (len(supplies["F1:gauze"].reservations), supplies["F1:gauze"].consumed) == (32, 1)
+
+
+# -- publish failures ---------------------------------------------------------------------------
+async def test_transient_publish_failures_are_retried_and_delivered_once(
+    transport: MemoryTransport, store: Store
+) -> None:
+    transport.fail_publish = 5
+    books = [command(f"A{a}", "book", book_payload("F1"), id=f"b{a}") for a in range(10)]
+    publish(transport, books)
+    router = make_router(transport, store, batch_size=3)
+
+    async with running(router):
+        await settle(router, transport, store)
+
+    assert transport.fail_publish == 0
+    assert router.publisher.stats.retries >= 5
+    assert (router.publisher.stats.duplicates, router.publisher.stats.failed) == (0, 0)
+    internal = msg_ids(transport, "cs.int.>")
+    assert sorted(internal) == sorted(
+        [f"b{a}:billing" for a in range(10)]
+        + [f"b{a}:supply:F1:{i}:reserve" for a in range(10) for i in ITEMS]
+        + [f"b{a}:erp:F1" for a in range(10)]
+    )
+    bills = await states(store, "billing", BillingState)
+    assert {k: v.changes for k, v in bills.items()} == {f"A{a}": 1 for a in range(10)}
+    supplies = await states(store, "supply", SupplyState)
+    assert {k: len(v.reservations) for k, v in supplies.items()} == {
+        "F1:gauze": 10,
+        "F1:suture": 10,
+    }
+    erp = (await states(store, "erp", ErpState))["F1"]
+    assert (len(erp.open_cases), erp.changes) == (10, 10)
+
+
+# -- replay rebuild -----------------------------------------------------------------------------
+async def test_rebuild_reproduces_the_live_state_and_sends_nothing_again(
+    transport: MemoryTransport, store: Store
+) -> None:
+    cmds = lifecycles(30, seed=99)
+    cmds.insert(10, command("Z", "complete", None, id="z-rejected"))  # rejected
+    cmds += [
+        command("A3", "cancel", None, id="A3-too-late"),  # rejected: completed by now
+        command("M", "book", book_payload("F0"), id="m-0"),
+        command("M", "reschedule", {"date": "2027-03-03", "facility": "F2"}, id="m-1"),
+        command("M", "cancel", {"reason": "moved away"}, id="m-2"),
+    ]
+    publish(transport, cmds)
+    publish(transport, cmds[5:8], msg_id=False)  # duplicates
+    transport.append("cs.in.appointment.G", b"garbage")  # dead letter
+    live = make_router(transport, store, batch_size=11)
+    async with running(live):
+        await settle(live, transport, store)
+    assert live.workers[0].stats.duplicates == 3
+
+    def snapshot(entities: list[Any]) -> list[tuple[str, str, bytes, bool, int]]:
+        return [(e.kind, e.id, e.state, e.parked, e.seq) for e in entities]
+
+    before = snapshot(await store.entities())
+    outcomes = {c.id: await store.outcome(c.kind, c.entity, c.id) for c in cmds}
+    lengths = {name: len(s.messages) for name, s in transport.streams.items()}
+    counts = await store.counts()
+    assert counts["outbox_pending"] == 0
+
+    report = await rebuild(
+        transport=transport,
+        store=store,
+        registry=default_registry(),
+        subjects=S,
+        settings=WorkerSettings(batch_size=13, pull_timeout_s=0.02),
+    )
+
+    assert report.messages == lengths[IN]
+    assert report.pending_effects == 0
+    assert report.entities == len(before)
+    assert snapshot(await store.entities()) == before
+    assert {c.id: await store.outcome(c.kind, c.entity, c.id) for c in cmds} == outcomes
+    assert outcomes["A3-too-late"][0] == "rejected"  # type: ignore[index]
+    assert outcomes["m-2"] == ("accepted", "")
+    assert outcomes["z-rejected"] == (
+        "rejected",
+        "appointment Z is new, not booked: cannot complete",
+    )
+    assert await store.offset(IN) == lengths[IN]
+    assert await store.counts() == counts
+    assert {name: len(s.messages) for name, s in transport.streams.items()} == lengths
+
+    # A router started on the rebuilt store finds nothing to send or apply.
+    after = make_router(transport, store)
+    async with running(after):
+        await settle(after, transport, store)
+    assert after.publisher.stats.published == after.publisher.stats.duplicates == 0
+    assert {name: len(s.messages) for name, s in transport.streams.items()} == lengths
+
+
+async def test_the_same_command_id_for_two_entities_is_not_a_duplicate(
+    transport: MemoryTransport, store: Store
+) -> None:
+    # Dedupe is per entity: senders that reuse ids across entities lose nothing.
+    publish(
+        transport,
+        [command(a, "book", book_payload("F1"), id="shared-1") for a in ("A1", "A2")],
+        msg_id=False,
+    )
+    router = make_router(transport, store)
+    async with running(router):
+        await settle(router, transport, store)
+    assert router.workers[0].stats.duplicates == 0
+    booked = await states(store, "appointment", AppointmentState)
+    assert {a: s.status for a, s in booked.items()} == {"A1": "booked", "A2": "booked"}
