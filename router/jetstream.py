@@ -39,15 +39,21 @@ async def connect(url: str, *, name: str, connect_timeout_s: float) -> NatsClien
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=str(exc) or type(exc).__name__)
 
+    client: list[NatsClient] = []
+
     async def on_disconnect() -> None:
-        log.warning("nats_disconnected", url=url)
+        # nats-py calls this on our own close() too: only an unexpected loss is a warning.
+        if client and client[0].is_closed:
+            log.info("nats_closed", url=url)
+        else:
+            log.warning("nats_disconnected", url=url)
 
     async def on_reconnect() -> None:
         log.info("nats_reconnected", url=url)
 
     # A cluster is given as "nats://a:4222,nats://b:4222": nats-py wants a list.
     servers = [u.strip() for u in url.split(",") if u.strip()]
-    return await nats.connect(
+    nc = await nats.connect(
         servers,
         name=name,
         connect_timeout=connect_timeout_s,
@@ -59,6 +65,8 @@ async def connect(url: str, *, name: str, connect_timeout_s: float) -> NatsClien
         reconnected_cb=on_reconnect,
         pending_size=8 * 1024 * 1024,
     )
+    client.append(nc)
+    return nc
 
 
 def _stream_seq(reply: str) -> int:

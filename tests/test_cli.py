@@ -121,6 +121,15 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
     assert after.returncode == 1
     assert "not ready" in after.stdout
 
+    # With the router stopped, the state is rebuilt from the log (the embedded broker is
+    # started for it) and nothing is left to send.
+    rebuilt = run("replay", "rebuild", "--data-dir", str(data), "--json", timeout_s=60)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    report = json.loads(rebuilt.stdout)
+    assert report["entities"] == 4  # the appointment, its billing, one supply item, one ERP
+    assert report["pending_effects"] == 0
+    assert report["messages"] == 4  # the booking and its 3 fan-outs (the re-send was a dup)
+
 
 def test_health_says_why_when_nothing_listens(tmp_path: Path) -> None:
     result = run("health", "--nats", "nats://127.0.0.1:1", "--timeout", "1")
