@@ -130,6 +130,10 @@ class StoreConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
         float,
         Meta(gt=0, description="How long processed message ids are remembered for dedupe"),
     ] = 604_800.0
+    outbox_retention_s: Annotated[
+        float,
+        Meta(gt=0, description="How long effects confirmed sent stay in the outbox table"),
+    ] = 86_400.0
     busy_timeout_ms: Annotated[
         int, Meta(gt=0, description="SQLite busy timeout when the database is locked")
     ] = 5000

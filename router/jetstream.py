@@ -246,7 +246,9 @@ class JetStreamTransport:
         await consumer.start()
         return consumer
 
-    async def open_reader(self, stream: str, start_seq: int) -> JetStreamConsumer:
+    async def open_reader(
+        self, stream: str, start_seq: int, *, headers_only: bool = False
+    ) -> JetStreamConsumer:
         """An ephemeral, unacknowledged pull consumer from ``start_seq`` (for replays)."""
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE
@@ -256,6 +258,7 @@ class JetStreamTransport:
             ack_policy=api.AckPolicy.NONE,
             inactive_threshold=30.0,
             mem_storage=True,
+            headers_only=headers_only or None,
         )
         info = await self.js.add_consumer(stream, config=config)
         reader = JetStreamConsumer(

@@ -82,8 +82,10 @@ class MemoryTransport:
         """A consumer reading ``stream`` from ``start_seq``."""
         return MemoryConsumer(self, self.streams[stream], name, start_seq)
 
-    async def open_reader(self, stream: str, start_seq: int) -> MemoryConsumer:
-        """A reader for replays."""
+    async def open_reader(
+        self, stream: str, start_seq: int, *, headers_only: bool = False
+    ) -> MemoryConsumer:
+        """A reader for replays (``headers_only`` changes nothing here)."""
         return MemoryConsumer(self, self.streams[stream], "", start_seq)
 
     async def last_seq(self, stream: str) -> int:

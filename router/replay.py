@@ -10,6 +10,7 @@ import structlog
 
 from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
+from caresync.router.errors import RouterError
 from caresync.router.publisher import Publisher
 from caresync.router.transport import Transport
 from caresync.router.worker import PartitionWorker, WorkerSettings
@@ -29,6 +30,44 @@ class RebuildReport:
     """Effects the replay found that were never sent; the router sends them at its next start."""
 
 
+async def sent_effect_keys(
+    transport: Transport, subjects: Subjects, *, stall_timeout_s: float = 30.0
+) -> set[str]:
+    """Msg-Ids of every message in the deployment's streams: the effects already sent.
+
+    JetStream is the ledger: an effect is sent once its stream holds it, so a rebuild asks the
+    streams (headers only), and works even when the SQLite file is gone.
+    """
+    streams = [subjects.input_stream(p) for p in range(subjects.partitions)]
+    streams += [subjects.output_stream, subjects.dead_letter_stream]
+    keys: set[str] = set()
+    for stream in streams:
+        end = await transport.last_seq(stream)
+        if end == 0:
+            continue
+        reader = await transport.open_reader(stream, 1, headers_only=True)
+        try:
+            seen = 0
+            stalled_since = time.monotonic()
+            while seen < end:
+                batch = await reader.next_batch(5000, 1.0)
+                if not batch:
+                    if time.monotonic() - stalled_since > stall_timeout_s:
+                        raise RouterError(
+                            f"reading {stream} for sent effects stalled at seq {seen} of {end}"
+                        )
+                    continue
+                stalled_since = time.monotonic()
+                for message in batch:
+                    seen = max(seen, message.seq)
+                    msg_id = (message.headers or {}).get("Nats-Msg-Id")
+                    if msg_id:
+                        keys.add(msg_id)
+        finally:
+            await reader.close()
+    return keys
+
+
 async def rebuild(
     *,
     transport: Transport,
@@ -40,10 +79,12 @@ async def rebuild(
 ) -> RebuildReport:
     """Reset derived state and re-apply every input stream from its first message.
 
-    The effect ledger (outbox) is kept: effects already sent are recognised by their
-    idempotency keys and not sent again.
+    Effects already sent are recognised by their idempotency keys (the Msg-Ids in the
+    streams) and not sent again; effects that were never sent are left in the outbox for the
+    router's next start.
     """
     started = time.monotonic()
+    already_sent = await sent_effect_keys(transport, subjects)
     await store.reset_state()
     total = 0
     publisher = Publisher(transport)  # a replay publishes nothing; workers need one to exist
@@ -66,7 +107,7 @@ async def rebuild(
             if progress is not None:
                 progress(base + n)
 
-        total += await worker.replay(end, progress=report)
+        total += await worker.replay(end, already_sent=already_sent, progress=report)
         log.info("partition_rebuilt", stream=stream, through_seq=end)
     counts = await store.counts()
     return RebuildReport(

@@ -35,6 +35,7 @@ class RouterSettings:
     publish_retry_initial_s: float = 0.05
     publish_retry_max_s: float = 5.0
     dedupe_retention_s: float = 7 * 86400.0
+    outbox_retention_s: float = 86400.0
     prune_every_s: float = 60.0
     shutdown_timeout_s: float = 8.0
 
@@ -48,6 +49,7 @@ class RouterSettings:
             publish_retry_initial_s=cfg.outbox.retry_backoff_initial_ms / 1000,
             publish_retry_max_s=cfg.outbox.retry_backoff_max_ms / 1000,
             dedupe_retention_s=cfg.store.dedupe_retention_s,
+            outbox_retention_s=cfg.store.outbox_retention_s,
             shutdown_timeout_s=cfg.router.shutdown_timeout_s,
         )
 
@@ -131,11 +133,11 @@ class Router:
         with scope:
             while True:
                 await anyio.sleep(self.settings.prune_every_s)
-                removed = await self.store.prune_applied(
-                    time.time() - self.settings.dedupe_retention_s
-                )
-                if removed:
-                    log.info("dedupe_pruned", removed=removed)
+                now = time.time()
+                removed = await self.store.prune_applied(now - self.settings.dedupe_retention_s)
+                sent = await self.store.prune_outbox(now - self.settings.outbox_retention_s)
+                if removed or sent:
+                    log.info("pruned", dedupe_records=removed, sent_effects=sent)
 
     async def recover_outbox(self) -> int:
         """Publish outbox rows left pending by an earlier run (a crash); returns how many."""

@@ -84,7 +84,9 @@ class Transport(Protocol):
         """A consumer named ``name`` delivering ``stream`` from ``start_seq`` on."""
         ...
 
-    async def open_reader(self, stream: str, start_seq: int) -> InputConsumer:
+    async def open_reader(
+        self, stream: str, start_seq: int, *, headers_only: bool = False
+    ) -> InputConsumer:
         """A throw-away reader for replays: no acks, no durable state on the server."""
         ...
 

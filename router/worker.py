@@ -8,8 +8,10 @@ message and per-entity order holds (messages at or below the offset are skipped)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
+from collections.abc import Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,11 +238,14 @@ class PartitionWorker:
                 await consumer.ack_through(item.last)
 
     # -- replay ---------------------------------------------------------------------------------
-    async def replay(self, end_seq: int, *, progress: Any = None) -> int:
+    async def replay(
+        self, end_seq: int, *, already_sent: Set[str] = frozenset(), progress: Any = None
+    ) -> int:
         """Apply the stream from the committed offset through ``end_seq``; publish nothing.
 
-        Effects go to the outbox with INSERT OR IGNORE: those already sent stay sent and are
-        not sent again; new ones wait for the router's next start.  Returns messages read.
+        Effects whose key is in ``already_sent`` (found in the streams) are recorded as sent;
+        the others wait in the outbox for the router's next start.  Rows already in the outbox
+        keep their status.  Returns the number of messages read.
         """
         self._last_seq = await self._store.offset(self.stream)
         start = self._last_seq
@@ -259,6 +264,10 @@ class PartitionWorker:
                         continue
                     self._last_seq = batch[-1].seq
                     write = await self.apply_batch(batch)
+                    write.outbox = [
+                        dataclasses.replace(row, sent=True) if row.key in already_sent else row
+                        for row in write.outbox
+                    ]
                     await self._commit(write)
                     self._passivate()
                     if progress is not None:

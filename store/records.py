@@ -48,6 +48,8 @@ class OutboxRow:
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None
+    sent: bool = False
+    """Already in its stream (found there by a rebuild): recorded as sent, never published."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,10 +196,19 @@ class Store:
                     now = time.time()
                     before = await _last_outbox_seq(conn)
                     await conn.executemany(
-                        "INSERT INTO outbox (key, subject, payload, headers, created_at) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                        "INSERT INTO outbox "
+                        "(key, subject, payload, headers, created_at, status, sent_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                         [
-                            (o.key, o.subject, o.payload, _dump_headers(o.headers), now)
+                            (
+                                o.key,
+                                o.subject,
+                                o.payload,
+                                _dump_headers(o.headers),
+                                now,
+                                "sent" if o.sent else "pending",
+                                now if o.sent else None,
+                            )
                             for o in write.outbox
                         ],
                     )
@@ -342,19 +351,35 @@ class Store:
     # -- maintenance ------------------------------------------------------------------------------
     async def prune_applied(self, older_than: float) -> int:
         """Forget dedupe records older than ``older_than`` (epoch seconds); returns how many."""
-        try:
-            cur = await self._conn.execute(
-                "DELETE FROM applied WHERE applied_at < ?", (older_than,)
-            )
-            return cur.rowcount
-        except sqlite3.Error as exc:
-            raise map_sqlite_error(exc, "pruning dedupe records") from exc
+        async with self._write_lock:
+            try:
+                cur = await self._conn.execute(
+                    "DELETE FROM applied WHERE applied_at < ?", (older_than,)
+                )
+                return cur.rowcount
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, "pruning dedupe records") from exc
+
+    async def prune_outbox(self, older_than: float) -> int:
+        """Forget effects confirmed sent before ``older_than`` (epoch seconds).
+
+        Safe because the streams themselves hold what was sent: a rebuild learns it from their
+        Msg-Ids, not from this table.
+        """
+        async with self._write_lock:
+            try:
+                cur = await self._conn.execute(
+                    "DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?", (older_than,)
+                )
+                return cur.rowcount
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, "pruning the outbox") from exc
 
     async def reset_state(self) -> None:
-        """Drop derived state (snapshots, dedupe, parking, offsets); keep the effect ledger.
+        """Drop derived state (snapshots, dedupe, parking, offsets); keep the outbox.
 
-        Used by ``replay rebuild``: the outbox keeps which effects were already sent, so the
-        rebuild does not send them again.
+        Used by ``replay rebuild``, which learns from the streams which effects were already
+        sent, and keeps effects still waiting to be sent.
         """
         async with self._write_lock:
             await self._reset_locked()

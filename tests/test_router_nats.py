@@ -305,3 +305,39 @@ async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(
     assert report.messages == in_before
     assert rebuilt == live
     assert counts["outbox_pending"] == 0
+
+
+async def test_rebuild_from_the_streams_alone_sends_nothing_again(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    # The store is lost entirely; the streams are the log and the ledger of what was sent.
+    cfg = make_config(unique_prefix, router={"batch_size": 40})
+    subjects = subjects_for(cfg)
+    appointments = 30
+    sent = appointment_workload(unique_prefix, appointments=appointments)
+    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        await publish_all(nc.jetstream(), sent)
+        expected = len(sent) * (1 + FANOUT_PER_COMMAND)
+
+        async def applied() -> bool:
+            return stats(service)["accepted"] == expected
+
+        await wait_for(applied, what="the live run")
+    async with await open_store(cfg, tmp_path) as store:
+        live = [(e.kind, e.id, e.state) for e in await store.entities()]
+    for leftover in tmp_path.glob("caresync.db*"):
+        leftover.unlink()
+    async with client(nats_url) as nc, await open_store(cfg, tmp_path) as store:
+        await rebuild(
+            transport=make_transport(nc, cfg),
+            store=store,
+            registry=default_registry(),
+            subjects=subjects,
+            settings=WorkerSettings.from_config(cfg),
+        )
+        rebuilt = [(e.kind, e.id, e.state) for e in await store.entities()]
+        counts = await store.counts()
+    assert rebuilt == live
+    assert counts["outbox_pending"] == 0
+    # every fan-out and one charge per completed appointment, all recognised as sent
+    assert counts["outbox_sent"] == len(sent) * FANOUT_PER_COMMAND + appointments

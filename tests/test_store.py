@@ -409,3 +409,18 @@ async def test_prune_applied_removes_only_old_records(store: Store) -> None:
     assert await store.applied_among(keys("old1", "old2", "new")) == set(keys("new"))
     assert await store.prune_applied(older_than=250.0) == 0
     assert await store.prune_applied(older_than=300.0) == 0  # strictly older only
+
+
+async def test_prune_outbox_forgets_only_old_sent_effects(store: Store) -> None:
+    await store.commit(BatchWrite(outbox=[outbox("old"), outbox("new"), outbox("waiting")]))
+    await store.commit(BatchWrite(sent=[("old", 100.0), ("new", 300.0)]))
+
+    assert await store.prune_outbox(older_than=200.0) == 1
+    assert [p.key for p in await store.pending_effects()] == ["waiting"]
+    counts = await store.counts()
+    assert (counts["outbox_sent"], counts["outbox_pending"]) == (1, 1)
+
+
+async def test_an_effect_found_in_the_streams_is_recorded_as_sent(store: Store) -> None:
+    await store.commit(BatchWrite(outbox=[replace(outbox("seen"), sent=True), outbox("new")]))
+    assert [p.key for p in await store.pending_effects()] == ["new"]
