@@ -93,11 +93,15 @@ class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         float, Meta(gt=0, description="Redelivery delay for unacknowledged messages")
     ] = 60.0
     max_live_actors: Annotated[
-        int, Meta(ge=1, description="Actors kept in memory before passivating the oldest")
-    ] = 100_000
+        int,
+        Meta(
+            ge=1,
+            description="Actors kept in memory before passivating the oldest (~6.5 KB each)",
+        ),
+    ] = 10_000
     idle_passivate_s: Annotated[
         float, Meta(gt=0, description="Idle time after which an actor is passivated")
-    ] = 300.0
+    ] = 60.0
     shutdown_timeout_s: Annotated[
         float, Meta(gt=0, description="Grace period for draining on shutdown")
     ] = 8.0

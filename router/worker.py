@@ -57,8 +57,8 @@ class WorkerSettings:
     batch_size: int = 500
     pull_timeout_s: float = 1.0
     batches_in_flight: int = 2
-    max_live_actors: int = 100_000
-    idle_passivate_s: float = 300.0
+    max_live_actors: int = 10_000
+    idle_passivate_s: float = 60.0
     supervision: Supervision = field(default_factory=Supervision)
     commit_retry_initial_s: float = 0.05
     commit_retry_max_s: float = 5.0
