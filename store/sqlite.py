@@ -35,6 +35,29 @@ def _load_headers(raw: bytes | None) -> dict[str, str] | None:
     return orjson.loads(raw) if raw else None
 
 
+# Both hot-path reads join a VALUES list of keys with CROSS JOIN, which keeps the keys as the
+# outer loop: one primary-key lookup per key.  A row-value ``IN (VALUES ...)`` looks the same
+# but makes SQLite scan the whole table (measured: throughput fell as the table grew).
+def entities_query(n: int) -> str:
+    """SQL reading the snapshots of ``n`` (kind, id) keys."""
+    values = ",".join("(?, ?)" for _ in range(n))
+    return (
+        f"WITH k(kind, id) AS (VALUES {values}) "
+        "SELECT e.kind, e.id, e.state, e.parked, e.seq FROM k CROSS JOIN entities e "
+        "ON e.kind = k.kind AND e.id = k.id"
+    )
+
+
+def applied_query(n: int) -> str:
+    """SQL finding which of ``n`` (kind, entity, command id) keys have a dedupe record."""
+    values = ",".join("(?, ?, ?)" for _ in range(n))
+    return (
+        f"WITH k(kind, entity, command_id) AS (VALUES {values}) "
+        "SELECT a.kind, a.entity, a.command_id FROM k CROSS JOIN applied a "
+        "ON a.kind = k.kind AND a.entity = k.entity AND a.command_id = k.command_id"
+    )
+
+
 class Store:
     """One SQLite database; use as ``async with await Store.open(path) as store``.
 
@@ -112,13 +135,8 @@ class Store:
         found: dict[tuple[str, str], StoredEntity] = {}
         try:
             for chunk in _chunks(keys):
-                values = ",".join("(?, ?)" for _ in chunk)
                 params = [part for key in chunk for part in key]
-                async with self._conn.execute(
-                    "SELECT kind, id, state, parked, seq FROM entities "
-                    f"WHERE (kind, id) IN (VALUES {values})",
-                    params,
-                ) as cur:
+                async with self._conn.execute(entities_query(len(chunk)), params) as cur:
                     for kind, id_, state, parked, seq in await cur.fetchall():
                         found[(kind, id_)] = StoredEntity(kind, id_, state, bool(parked), seq)
         except sqlite3.Error as exc:
@@ -132,13 +150,8 @@ class Store:
         seen: set[tuple[str, str, str]] = set()
         try:
             for chunk in _chunks(keys):
-                values = ",".join("(?, ?, ?)" for _ in chunk)
                 params = [part for key in chunk for part in key]
-                async with self._conn.execute(
-                    "SELECT kind, entity, command_id FROM applied "
-                    f"WHERE (kind, entity, command_id) IN (VALUES {values})",
-                    params,
-                ) as cur:
+                async with self._conn.execute(applied_query(len(chunk)), params) as cur:
                     seen.update((k, e, c) for k, e, c in await cur.fetchall())
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "reading dedupe records") from exc

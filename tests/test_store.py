@@ -27,6 +27,7 @@ from caresync.store import (
     StoreUnavailable,
 )
 from caresync.store.schema import SCHEMA_VERSION
+from caresync.store.sqlite import applied_query, entities_query
 
 pytestmark = pytest.mark.anyio
 
@@ -424,3 +425,21 @@ async def test_prune_outbox_forgets_only_old_sent_effects(store: Store) -> None:
 async def test_an_effect_found_in_the_streams_is_recorded_as_sent(store: Store) -> None:
     await store.commit(BatchWrite(outbox=[replace(outbox("seen"), sent=True), outbox("new")]))
     assert [p.key for p in await store.pending_effects()] == ["new"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "table"),
+    [(entities_query(3), "entities"), (applied_query(3), "applied")],
+)
+async def test_hot_path_reads_look_keys_up_and_never_scan_the_table(
+    store: Store, sql: str, table: str
+) -> None:
+    # A full scan per batch makes throughput fall as the table grows: pin the plan.
+    db = sqlite3.connect(store.path)
+    try:
+        params = ["x"] * sql.count("?")
+        plan = " | ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    finally:
+        db.close()
+    assert f"SCAN {table}" not in plan
+    assert "USING PRIMARY KEY" in plan
