@@ -43,7 +43,6 @@ from caresync.store import (
     OutboxRow,
     ParkedRow,
     Store,
-    StoredEntity,
     StoreUnavailable,
 )
 
@@ -386,7 +385,7 @@ class PartitionWorker:
         self,
         kind: EntityKind[Any, Any],
         entity: str,
-        loaded: dict[tuple[str, str], StoredEntity],
+        loaded: dict[tuple[str, str], EntityRow],
     ) -> EntityActor:
         key = (kind.name, entity)
         actor = self._actors.get(key)

@@ -10,7 +10,6 @@ from caresync.store.records import (
     OutboxRow,
     ParkedRow,
     PendingEffect,
-    StoredEntity,
 )
 from caresync.store.sqlite import Store
 
@@ -25,5 +24,4 @@ __all__ = [
     "StoreError",
     "StoreSchemaError",
     "StoreUnavailable",
-    "StoredEntity",
 ]

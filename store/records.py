@@ -6,19 +6,8 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
-class StoredEntity:
-    """An entity's persisted snapshot."""
-
-    kind: str
-    id: str
-    state: bytes
-    parked: bool
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
 class EntityRow:
-    """A new snapshot of one entity, written with its batch."""
+    """The snapshot of one entity: written with each batch that changes it, read on load."""
 
     kind: str
     id: str

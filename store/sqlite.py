@@ -15,7 +15,7 @@ import anyio
 import orjson
 
 from caresync.store.errors import StoreError, StoreSchemaError, map_sqlite_error
-from caresync.store.records import BatchWrite, ParkedRow, PendingEffect, StoredEntity
+from caresync.store.records import BatchWrite, EntityRow, ParkedRow, PendingEffect
 from caresync.store.schema import DDL, PRAGMAS, SCHEMA_VERSION
 
 # SQLite's default limit on host parameters is 32766 in current builds; stay well below.
@@ -130,15 +130,15 @@ class Store:
     # -- hot path -----------------------------------------------------------------------------
     async def load_entities(
         self, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], StoredEntity]:
+    ) -> dict[tuple[str, str], EntityRow]:
         """Snapshots of the given (kind, id) keys that exist."""
-        found: dict[tuple[str, str], StoredEntity] = {}
+        found: dict[tuple[str, str], EntityRow] = {}
         try:
             for chunk in _chunks(keys):
                 params = [part for key in chunk for part in key]
                 async with self._conn.execute(entities_query(len(chunk)), params) as cur:
                     for kind, id_, state, parked, seq in await cur.fetchall():
-                        found[(kind, id_)] = StoredEntity(kind, id_, state, bool(parked), seq)
+                        found[(kind, id_)] = EntityRow(kind, id_, state, bool(parked), seq)
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "loading entities") from exc
         return found
@@ -302,12 +302,12 @@ class Store:
             for seq, key, subject, payload, headers, attempts in rows
         ]
 
-    async def entity(self, kind: str, id: str) -> StoredEntity | None:
+    async def entity(self, kind: str, id: str) -> EntityRow | None:
         """The snapshot of one entity, or None."""
         found = await self.load_entities([(kind, id)])
         return found.get((kind, id))
 
-    async def entities(self, kind: str | None = None) -> list[StoredEntity]:
+    async def entities(self, kind: str | None = None) -> list[EntityRow]:
         """All snapshots (of one kind), ordered by kind and id."""
         sql = "SELECT kind, id, state, parked, seq FROM entities"
         params: tuple[str, ...] = ()
@@ -316,7 +316,7 @@ class Store:
             params = (kind,)
         async with self._conn.execute(sql + " ORDER BY kind, id", params) as cur:
             rows = await cur.fetchall()
-        return [StoredEntity(k, i, s, bool(p), q) for k, i, s, p, q in rows]
+        return [EntityRow(k, i, s, bool(p), q) for k, i, s, p, q in rows]
 
     async def parked(self, kind: str | None = None, id: str | None = None) -> list[ParkedRow]:
         """Parked messages, in the order they will be released."""

@@ -14,6 +14,7 @@ import nats
 import pytest
 from harness import (
     FANOUT_PER_COMMAND,
+    STEPS,
     appointment_workload,
     count_on,
     make_config,
@@ -269,13 +270,12 @@ async def test_a_poison_message_parks_its_entity_and_others_keep_flowing(
         assert msgspec.msgpack.decode(well.state, type=Pokes).count == 5
 
 
-async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(
-    nats_url: str, unique_prefix: str, tmp_path: Path
-) -> None:
-    cfg = make_config(unique_prefix, router={"batch_size": 50})
-    subjects = subjects_for(cfg)
-    sent = appointment_workload(unique_prefix, appointments=60)
-    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+async def live_run(
+    cfg: Config, url: str, data_dir: Path, appointments: int
+) -> list[tuple[str, str, bytes]]:
+    """Run the appointment workload to the end; the committed snapshots afterwards."""
+    sent = appointment_workload(cfg.streams.subject_prefix, appointments=appointments)
+    async with running(cfg, url, data_dir) as service, client(url) as nc:
         await publish_all(nc.jetstream(), sent)
         expected = len(sent) * (1 + FANOUT_PER_COMMAND)
 
@@ -283,8 +283,17 @@ async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(
             return stats(service)["accepted"] == expected
 
         await wait_for(applied, what="the live run")
+    async with await open_store(cfg, data_dir) as store:
+        return [(e.kind, e.id, e.state) for e in await store.entities()]
+
+
+async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(unique_prefix, router={"batch_size": 50})
+    subjects = subjects_for(cfg)
+    live = await live_run(cfg, nats_url, tmp_path, appointments=60)
     async with await open_store(cfg, tmp_path) as store:
-        live = [(e.kind, e.id, e.state) for e in await store.entities()]
         assert (await store.counts())["outbox_pending"] == 0
     async with client(nats_url) as nc:
         js = nc.jetstream()
@@ -314,17 +323,7 @@ async def test_rebuild_from_the_streams_alone_sends_nothing_again(
     cfg = make_config(unique_prefix, router={"batch_size": 40})
     subjects = subjects_for(cfg)
     appointments = 30
-    sent = appointment_workload(unique_prefix, appointments=appointments)
-    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
-        await publish_all(nc.jetstream(), sent)
-        expected = len(sent) * (1 + FANOUT_PER_COMMAND)
-
-        async def applied() -> bool:
-            return stats(service)["accepted"] == expected
-
-        await wait_for(applied, what="the live run")
-    async with await open_store(cfg, tmp_path) as store:
-        live = [(e.kind, e.id, e.state) for e in await store.entities()]
+    live = await live_run(cfg, nats_url, tmp_path, appointments=appointments)
     for leftover in tmp_path.glob("caresync.db*"):
         leftover.unlink()
     async with client(nats_url) as nc, await open_store(cfg, tmp_path) as store:
@@ -340,4 +339,5 @@ async def test_rebuild_from_the_streams_alone_sends_nothing_again(
     assert rebuilt == live
     assert counts["outbox_pending"] == 0
     # every fan-out and one charge per completed appointment, all recognised as sent
-    assert counts["outbox_sent"] == len(sent) * FANOUT_PER_COMMAND + appointments
+    commands = appointments * len(STEPS)
+    assert counts["outbox_sent"] == commands * FANOUT_PER_COMMAND + appointments
