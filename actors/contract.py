@@ -32,6 +32,9 @@ class Command(msgspec.Struct, Generic[P], kw_only=True, frozen=True):
     correlation_id: str = ""
     causation_id: str = ""
     source: str = ""
+    refdata: Any = None
+    """The reference data in force when the message entered the log
+    (a :class:`caresync.actors.refdata.RefData`, attached by the runtime), or None."""
 
 
 class ActorRef(msgspec.Struct, frozen=True, tag="actor"):

@@ -470,9 +470,9 @@ def test_registry_rejects_duplicate_kind_names() -> None:
         Registry.of(appointment.KIND, billing.KIND, clone)
 
 
-def test_default_registry_hosts_the_four_kinds() -> None:
+def test_default_registry_hosts_the_kinds() -> None:
     registry = default_registry()
-    assert set(registry.kinds) == {"appointment", "billing", "supply", "erp"}
+    assert set(registry.kinds) == {"appointment", "billing", "supply", "erp", "item"}
     assert "supply" in registry
     assert registry.get("nosuch") is None
 

@@ -33,6 +33,34 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "date": "2026-12-02",
         "procedure": "27447",
     },
+    "erp.purchase_order": {
+        "po_id": "PO:gauze@F1:1",
+        "facility_id": "F1",
+        "item_id": "gauze",
+        "supplier_id": "S1",
+        "quantity": 50,
+        "unit_cost": "1.25",
+    },
+    "erp.posting": {
+        "facility_id": "F1",
+        "item_id": "gauze",
+        "appointment_id": "A1",
+        "quantity": 2,
+        "amount": "2.50",
+        "unit_cost": "1.25",
+        "cost_center": "CC1",
+    },
+    "item.set_stock": {
+        "on_hand": 20,
+        "reorder_point": 10,
+        "reorder_quantity": 50,
+        "refdata_version": 1,
+    },
+    "item.reserve": {"appointment_id": "A1", "quantity": 4},
+    "item.release": {"appointment_id": "A1"},
+    "item.consume": {"appointment_id": "A1", "quantity": 3, "line_id": "L1"},
+    "item.po_acknowledged": {"po_id": "PO:gauze@F1:1", "reference": "PO-000001"},
+    "item.goods_received": {"po_id": "PO:gauze@F1:1", "quantity": 50},
 }
 
 
