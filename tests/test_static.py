@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("cli", "router", "actors", "codecs", "store", "config", "bench")
+PACKAGES = ("cli", "router", "actors", "codecs", "store", "config", "bench", "connectors", "sim")
 BIN = Path(sys.executable).parent
 
 

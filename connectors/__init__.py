@@ -1,0 +1,1 @@
+"""Connectors: how effects reach the downstream systems (NATS request/reply or HTTP)."""

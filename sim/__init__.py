@@ -1,0 +1,1 @@
+"""Simulated downstream systems (billing, ERP, supply) for development, demos and tests."""
