@@ -1,79 +1,97 @@
-"""Appointment actor: one scheduled procedure case, keyed by appointment id.
+"""Appointment actor: one scheduled case, keyed by its (qualified) appointment id.
 
-Accepted commands fan out to the billing actor of the appointment, the supply actor of each
-item at the facility, and the ERP actor of the facility.  This first version carries the items
-in the booking (as if enriched upstream); preference-card enrichment comes with the workflow.
+It orchestrates the scenario: a booking looks up the preference card of each procedure (a
+provider-specific card wins over the general one) and plans reservations at the facility and
+demand lines for the date; billing readiness comes from the payer rules.  Each change sends the
+whole plan, not a delta, to the actors that own the downstream conversations — supply and ERP of
+the facility, billing of the appointment — so a repeated or replayed message converges to the
+same plan.  A message older than the state already applied (by its source timestamp) changes
+nothing.  Charges posted mark the case performed; supply lines are matched to items by charge
+code and consumed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
-from caresync.actors.contract import (
-    Accepted,
-    ActorRef,
-    Command,
-    Effect,
-    EntityKind,
-    Rejected,
-    effect_key,
+from caresync.actors.contract import Accepted, ActorRef, Command, Effect, EntityKind, Rejected
+from caresync.codecs.scheduling import (
+    BookAppointment,
+    ChargeLine,
+    CloseAppointment,
+    Coverage,
+    ModifyAppointment,
+    PostCharges,
+    ProcedureRef,
+    RescheduleAppointment,
 )
 
-Status = Literal["new", "booked", "cancelled", "completed"]
+Status = Literal["new", "booked", "cancelled", "no_show", "deleted", "completed"]
+Readiness = Literal["", "ready", "pending_authorization", "not_covered", "pending_coverage"]
+_CLOSED_BY = {"cancel": "cancelled", "no_show": "no_show", "delete": "deleted"}
 
 
-# -- commands -------------------------------------------------------------------------------
-class Book(msgspec.Struct, kw_only=True, frozen=True):
-    """Book the appointment for a procedure at a facility on a date."""
+class Line(msgspec.Struct, kw_only=True, frozen=True):
+    """A quantity of one item (a reservation, or a consumption)."""
 
-    procedure: str
-    facility: str
-    date: str
-    items: tuple[str, ...] = ()
+    item_id: str
+    quantity: int
 
 
-class Reschedule(msgspec.Struct, kw_only=True, frozen=True):
-    """Move the appointment to another date and, optionally, another facility."""
+class Plan(msgspec.Struct, kw_only=True, frozen=True):
+    """What the downstream systems should hold for this appointment."""
 
-    date: str
-    facility: str = ""
-
-
-class Cancel(msgspec.Struct, kw_only=True, frozen=True):
-    """Cancel the appointment."""
-
-    reason: str = ""
-
-
-class Complete(msgspec.Struct, kw_only=True, frozen=True):
-    """The procedure was performed."""
+    facility_id: str = ""
+    date: str = ""
+    reservations: tuple[Line, ...] = ()
+    consumed: tuple[Line, ...] = ()
+    readiness: Readiness = ""
+    missing_cards: tuple[str, ...] = ()
+    """Procedure codes without a preference card: booked, flagged, nothing reserved for them."""
 
 
 # -- events ---------------------------------------------------------------------------------
 class Booked(msgspec.Struct, kw_only=True, frozen=True, tag="booked"):
-    procedure: str
-    facility: str
-    date: str
-    items: tuple[str, ...]
+    details: BookAppointment
+    occurred_at: datetime
 
 
-class Rescheduled(msgspec.Struct, kw_only=True, frozen=True, tag="rescheduled"):
-    date: str
-    facility: str
+class Changed(msgspec.Struct, kw_only=True, frozen=True, tag="changed"):
+    details: BookAppointment
+    occurred_at: datetime
 
 
-class Cancelled(msgspec.Struct, kw_only=True, frozen=True, tag="cancelled"):
+class Closed(msgspec.Struct, kw_only=True, frozen=True, tag="closed"):
+    status: Status
     reason: str
+    occurred_at: datetime
 
 
-class Completed(msgspec.Struct, kw_only=True, frozen=True, tag="completed"):
-    pass
+class CoverageKnown(msgspec.Struct, kw_only=True, frozen=True, tag="coverage"):
+    payer_id: str
+    patient_class: str
 
 
-Event = Booked | Rescheduled | Cancelled | Completed
+class ChargesPosted(msgspec.Struct, kw_only=True, frozen=True, tag="charges"):
+    lines: tuple[ChargeLine, ...]
+    consumed: tuple[Line, ...]
+
+
+class Planned(msgspec.Struct, kw_only=True, frozen=True, tag="planned"):
+    plan: Plan
+
+
+class Superseded(msgspec.Struct, kw_only=True, frozen=True, tag="superseded"):
+    """A message older than the state: recorded, changes nothing."""
+
+    occurred_at: datetime
+
+
+Event = Booked | Changed | Closed | CoverageKnown | ChargesPosted | Planned | Superseded
 
 
 # -- state ----------------------------------------------------------------------------------
@@ -82,136 +100,295 @@ class AppointmentState(msgspec.Struct, kw_only=True, frozen=True):
 
     id: str
     status: Status = "new"
-    procedure: str = ""
-    facility: str = ""
-    date: str = ""
-    items: tuple[str, ...] = ()
+    details: BookAppointment | None = None
+    source_ts: datetime | None = None
+    charges: tuple[ChargeLine, ...] = ()
+    consumed_lines: tuple[Line, ...] = ()
+    plan: Plan = msgspec.field(default_factory=Plan)
+    close_reason: str = ""
     version: int = 0
 
 
 def initial(entity: str) -> AppointmentState:
-    """The state of an appointment nobody has booked yet."""
+    """An appointment nobody has booked yet."""
     return AppointmentState(id=entity)
 
 
 def decide(state: AppointmentState, command: Command[Any]) -> Accepted[Event] | Rejected:
-    """Accept or reject one command against the appointment's state."""
+    """Accept or reject one command; an accepted change re-plans and sends the plan on."""
     p = command.payload
-    if isinstance(p, Book):
-        if state.status == "booked":
-            return Rejected(f"appointment {state.id} is already booked")
-        if state.status == "completed":
-            return Rejected(f"appointment {state.id} is completed and cannot be booked again")
-        event: Event = Booked(
-            procedure=p.procedure, facility=p.facility, date=p.date, items=p.items
-        )
-    elif isinstance(p, Reschedule):
-        if state.status != "booked":
-            return Rejected(
-                f"appointment {state.id} is {state.status}, not booked: cannot reschedule"
-            )
-        event = Rescheduled(date=p.date, facility=p.facility or state.facility)
-    elif isinstance(p, Cancel):
-        if state.status != "booked":
-            return Rejected(f"appointment {state.id} is {state.status}, not booked: cannot cancel")
-        event = Cancelled(reason=p.reason)
-    elif isinstance(p, Complete):
-        if state.status != "booked":
-            return Rejected(
-                f"appointment {state.id} is {state.status}, not booked: cannot complete"
-            )
-        event = Completed()
-    else:  # the runtime only passes registered payload types
+    name = command.name
+    at = command.occurred_at
+    scheduling = isinstance(p, BookAppointment | RescheduleAppointment | ModifyAppointment)
+    if (scheduling or isinstance(p, CloseAppointment)) and _stale(state, at):
+        return Accepted(events=(Superseded(occurred_at=at),))
+    event: Event
+    if isinstance(p, BookAppointment):
+        if state.status in ("booked", "completed", "deleted"):
+            return Rejected(f"appointment {state.id} is {state.status}: cannot book it again")
+        if not p.procedures:
+            return Rejected(f"booking of {state.id} has no procedures")
+        event = Booked(details=p, occurred_at=at)
+    elif isinstance(p, RescheduleAppointment | ModifyAppointment):
+        if state.status != "booked" or state.details is None:
+            return Rejected(f"appointment {state.id} is {state.status}, not booked: cannot {name}")
+        event = Changed(details=_changed(state.details, p), occurred_at=at)
+    elif isinstance(p, CloseAppointment):
+        status: Status = _CLOSED_BY.get(name, "cancelled")  # type: ignore[assignment]
+        if name == "delete":
+            if state.status == "deleted":
+                return Rejected(f"appointment {state.id} is already deleted")
+        elif state.status != "booked":
+            return Rejected(f"appointment {state.id} is {state.status}, not booked: cannot {name}")
+        event = Closed(status=status, reason=p.reason, occurred_at=at)
+    elif isinstance(p, Coverage):
+        event = CoverageKnown(payer_id=p.payer_id, patient_class=p.patient_class)
+    elif isinstance(p, PostCharges):
+        if state.status not in ("booked", "completed"):
+            return Rejected(f"appointment {state.id} is {state.status}: cannot post charges")
+        known = {c.line_id for c in state.charges}
+        lines = tuple(line for line in p.lines if line.line_id not in known)
+        if not lines:  # every line already posted: a resend
+            return Accepted()
+        event = ChargesPosted(lines=lines, consumed=_consumption(lines, command.refdata))
+    else:
         return Rejected(f"appointment does not handle {type(p).__name__}")
-    return Accepted(events=(event,), effects=_fan_out(state, command, event))
-
-
-def _fan_out(state: AppointmentState, command: Command[Any], event: Event) -> tuple[Effect, ...]:
     after = evolve(state, event)
-    change = type(event).__name__.lower()
-    note = {"appointment": state.id, "change": change, "procedure": after.procedure}
-    effects = [
-        Effect(
-            target=ActorRef("billing", state.id),
-            name="track",
-            key=effect_key(command.id, "billing"),
-            payload=note,
-        ),
-    ]
-    # A move to another facility releases the old facility's reservation and reserves anew.
-    moves = isinstance(event, Rescheduled) and event.facility != state.facility
-    # An item listed twice is one reservation of quantity two (one effect key per item).
-    for item, quantity in Counter(after.items).items():
-        if moves:
-            effects.append(_supply(command, state.facility, item, "release", state.id, quantity))
-            effects.append(_supply(command, after.facility, item, "reserve", state.id, quantity))
-        else:
-            op = _SUPPLY_OP[change]
-            effects.append(_supply(command, after.facility, item, op, state.id, quantity))
-    if moves:
-        # The old facility's demand planning closes the case; the new one opens it.
+    plan = _plan(after, command.refdata)
+    events: list[Event] = [event]
+    if plan != state.plan:
+        events.append(Planned(plan=plan))
+    final = evolve(after, events[-1]) if len(events) > 1 else after
+    return Accepted(events=tuple(events), effects=_effects(state, final, command))
+
+
+def _stale(state: AppointmentState, at: datetime) -> bool:
+    return state.source_ts is not None and at < state.source_ts
+
+
+def _changed(
+    details: BookAppointment, p: RescheduleAppointment | ModifyAppointment
+) -> BookAppointment:
+    replace = msgspec.structs.replace
+    if isinstance(p, RescheduleAppointment):
+        return replace(
+            details,
+            start=p.start or details.start,
+            facility_id=p.facility_id or details.facility_id,
+            room=p.room or details.room,
+            duration_min=p.duration_min or details.duration_min,
+        )
+    changes = {
+        name: value for name in p.__struct_fields__ if (value := getattr(p, name)) is not None
+    }
+    return replace(details, **changes)
+
+
+def _consumption(lines: tuple[ChargeLine, ...], refdata: Any) -> tuple[Line, ...]:
+    """Supply lines are matched to items by the item's charge code; credits give back."""
+    used: Counter[str] = Counter()
+    for line in lines:
+        item = refdata.item_by_charge_code(line.code) if refdata is not None else None
+        if item is not None:
+            sign = -1 if line.type == "credit" else 1
+            used[item.item_id] += sign * line.quantity
+    return tuple(Line(item_id=i, quantity=q) for i, q in sorted(used.items()) if q)
+
+
+def _plan(state: AppointmentState, refdata: Any) -> Plan:
+    """Reservations, demand and readiness the appointment needs now."""
+    details = state.details
+    if details is None or state.status in ("cancelled", "no_show", "deleted"):
+        return Plan()
+    wanted: Counter[str] = Counter()
+    missing: list[str] = []
+    for proc in details.procedures:
+        card = _card(refdata, proc, details.providers)
+        if not card:
+            missing.append(proc.code)
+        for item_id, quantity in card:
+            wanted[item_id] += quantity
+    consumed: Counter[str] = Counter()
+    for line in state.consumed_lines:
+        consumed[line.item_id] += line.quantity
+    # What is consumed leaves the reservation; once performed, what was not used is released.
+    reservations = tuple(
+        Line(item_id=i, quantity=q - consumed[i])
+        for i, q in sorted(wanted.items())
+        if q - consumed[i] > 0 and state.status != "completed"
+    )
+    return Plan(
+        facility_id=details.facility_id,
+        date=details.start.date().isoformat(),
+        reservations=reservations,
+        consumed=tuple(Line(item_id=i, quantity=q) for i, q in sorted(consumed.items()) if q),
+        readiness=_readiness(details, refdata),
+        missing_cards=tuple(missing),
+    )
+
+
+def _card(
+    refdata: Any, proc: ProcedureRef, providers: tuple[str, ...]
+) -> tuple[tuple[str, int], ...]:
+    if refdata is None:
+        return ()
+    provider = proc.provider_id or (providers[0] if providers else "")
+    card: tuple[tuple[str, int], ...] = refdata.preference_card(proc.code, provider or None)
+    return card
+
+
+_SEVERITY = {"ready": 0, "pending_authorization": 1, "not_covered": 2}
+
+
+def _readiness(details: BookAppointment, refdata: Any) -> Readiness:
+    """Worst readiness over the procedures; pending_coverage while no payer is known."""
+    if not details.payer_id:
+        return "pending_coverage"
+    worst: Readiness = "ready"
+    for proc in details.procedures:
+        rule = refdata.payer_rule(details.payer_id, proc.code) if refdata is not None else None
+        verdict: Readiness = "ready"
+        if rule is not None and not rule.covered:
+            verdict = "not_covered"
+        elif rule is not None and rule.authorization_required:
+            verdict = "pending_authorization"
+        if _SEVERITY[verdict] > _SEVERITY[worst]:
+            worst = verdict
+    return worst
+
+
+def _effects(
+    before: AppointmentState, after: AppointmentState, command: Command[Any]
+) -> tuple[Effect, ...]:
+    """The plan to each owner that must hear of the change (absolute, so repeats converge)."""
+    effects: list[Effect] = []
+    old, new = before.plan, after.plan
+    facilities = [f for f in dict.fromkeys((old.facility_id, new.facility_id)) if f]
+    for facility in facilities:
+        mine = new if facility == new.facility_id else Plan(facility_id=facility)
+        prev = old if facility == old.facility_id else Plan(facility_id=facility)
+        if (mine.reservations, mine.consumed) != (prev.reservations, prev.consumed):
+            effects.append(
+                Effect(
+                    target=ActorRef("supply", facility),
+                    name="plan",
+                    key=f"{command.id}:supply:{facility}",
+                    payload={
+                        "appointment_id": after.id,
+                        "reservations": mine.reservations,
+                        "consumed": mine.consumed,
+                    },
+                )
+            )
+        demand = _demand(mine)
+        if demand != _demand(prev):
+            effects.append(
+                Effect(
+                    target=ActorRef("erp", facility),
+                    name="demand",
+                    key=f"{command.id}:erp:{facility}",
+                    payload={"appointment_id": after.id, "lines": demand},
+                )
+            )
+    if _billing_view(before) != _billing_view(after):
         effects.append(
             Effect(
-                target=ActorRef("erp", state.facility),
-                name="record",
-                key=effect_key(command.id, "erp", state.facility),
-                payload={**note, "change": "moved_out", "date": state.date},
+                target=ActorRef("billing", after.id),
+                name="update",
+                key=f"{command.id}:billing",
+                payload=_billing_view(after),
             )
         )
-    effects.append(
-        Effect(
-            target=ActorRef("erp", after.facility),
-            name="record",
-            key=effect_key(command.id, "erp", after.facility),
-            payload={**note, "date": after.date},
+    if after.details is not None and after.details.visit_number and before.details is None:
+        effects.append(
+            Effect(
+                target=ActorRef("visit", after.details.visit_number),
+                name="link",
+                key=f"{command.id}:visit",
+                payload={"appointment_id": after.id},
+            )
         )
-    )
     return tuple(effects)
 
 
-_SUPPLY_OP = {
-    "booked": "reserve",
-    "rescheduled": "hold",
-    "cancelled": "release",
-    "completed": "consume",
-}
-
-
-def _supply(
-    command: Command[Any], facility: str, item: str, op: str, appointment: str, quantity: int
-) -> Effect:
-    return Effect(
-        target=ActorRef("supply", f"{facility}:{item}"),
-        name=op,
-        key=effect_key(command.id, "supply", facility, item, op),
-        payload={"appointment": appointment, "quantity": quantity},
+def _demand(plan: Plan) -> tuple[dict[str, Any], ...]:
+    """Demand lines for the date: what is still reserved (consumption is no longer demand)."""
+    return tuple(
+        {"item_id": line.item_id, "date": plan.date, "quantity": line.quantity}
+        for line in plan.reservations
     )
+
+
+def _billing_view(state: AppointmentState) -> dict[str, Any]:
+    details = state.details
+    return {
+        "appointment_id": state.id,
+        "status": state.status,
+        "readiness": state.plan.readiness,
+        "payer_id": details.payer_id if details else "",
+        "procedures": [p.code for p in details.procedures] if details else [],
+        "charges": [msgspec.to_builtins(c) for c in state.charges],
+    }
 
 
 def evolve(state: AppointmentState, event: Event) -> AppointmentState:
     """Apply one recorded event; never fails."""
+    replace = msgspec.structs.replace
+    if isinstance(event, Superseded):
+        return state
     v = state.version + 1
     if isinstance(event, Booked):
-        return msgspec.structs.replace(
+        return replace(
             state,
             status="booked",
-            procedure=event.procedure,
-            facility=event.facility,
-            date=event.date,
-            items=event.items,
+            details=event.details,
+            source_ts=event.occurred_at,
+            close_reason="",
             version=v,
         )
-    if isinstance(event, Rescheduled):
-        return msgspec.structs.replace(state, date=event.date, facility=event.facility, version=v)
-    if isinstance(event, Cancelled):
-        return msgspec.structs.replace(state, status="cancelled", version=v)
-    return msgspec.structs.replace(state, status="completed", version=v)
+    if isinstance(event, Changed):
+        return replace(state, details=event.details, source_ts=event.occurred_at, version=v)
+    if isinstance(event, Closed):
+        return replace(
+            state,
+            status=event.status,
+            close_reason=event.reason,
+            source_ts=event.occurred_at,
+            version=v,
+        )
+    if isinstance(event, CoverageKnown):
+        if state.details is None:
+            return state
+        details = replace(
+            state.details,
+            payer_id=event.payer_id,
+            patient_class=event.patient_class or state.details.patient_class,
+        )
+        return replace(state, details=details, version=v)
+    if isinstance(event, ChargesPosted):
+        return replace(
+            state,
+            status="completed",
+            charges=(*state.charges, *event.lines),
+            consumed_lines=(*state.consumed_lines, *event.consumed),
+            version=v,
+        )
+    return replace(state, plan=event.plan)
 
 
 KIND: EntityKind[AppointmentState, Event] = EntityKind(
     name="appointment",
     state_type=AppointmentState,
-    commands={"book": Book, "reschedule": Reschedule, "cancel": Cancel, "complete": Complete},
+    commands={
+        "book": BookAppointment,
+        "reschedule": RescheduleAppointment,
+        "modify": ModifyAppointment,
+        "cancel": CloseAppointment,
+        "no_show": CloseAppointment,
+        "delete": CloseAppointment,
+        "coverage": Coverage,
+        "post_charges": PostCharges,
+    },
     initial=initial,
     decide=decide,
     evolve=evolve,

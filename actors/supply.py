@@ -1,8 +1,10 @@
-"""Supply actor: the stock of one item at one facility, keyed ``<facility>:<item>``.
+"""Supply actor: the supply (materials management) conversation of one facility, keyed by
+facility id.
 
-It holds the reservations of appointments for the item, and consumption when a procedure is
-performed.  Reservations are kept per appointment, so that a release or a consumption touches
-only what that appointment reserved and a repeated release changes nothing.
+Appointments send it their whole plan for the facility (reservations still needed, and what was
+consumed).  It works out the change per item, tells each item actor (stock at this facility)
+and sends the supply system the reservation and consumption changes, keeping a sync ledger per
+appointment.
 """
 
 from __future__ import annotations
@@ -11,96 +13,184 @@ from typing import Any
 
 import msgspec
 
-from caresync.actors.contract import Accepted, Command, EntityKind, Rejected
+from caresync.actors.contract import (
+    Accepted,
+    ActorRef,
+    Command,
+    Downstream,
+    Effect,
+    EntityKind,
+    Rejected,
+)
+from caresync.actors.ledger import DownstreamAck, Ledger, acknowledged, sent
 
 
-class Adjust(msgspec.Struct, kw_only=True, frozen=True):
-    """Reserve, hold (date change only), release or consume an appointment's quantity."""
+class Line(msgspec.Struct, kw_only=True, frozen=True):
+    """A quantity of one item."""
 
-    appointment: str
-    quantity: int = 1
-
-
-class Reserved(msgspec.Struct, kw_only=True, frozen=True, tag="reserved"):
-    appointment: str
+    item_id: str
     quantity: int
 
 
-class Held(msgspec.Struct, kw_only=True, frozen=True, tag="held"):
-    appointment: str
+class SupplyPlan(msgspec.Struct, kw_only=True, frozen=True):
+    """An appointment's whole plan at this facility (absolute: repeats converge)."""
+
+    appointment_id: str
+    reservations: tuple[Line, ...] = ()
+    consumed: tuple[Line, ...] = ()
 
 
-class Released(msgspec.Struct, kw_only=True, frozen=True, tag="released"):
-    appointment: str
+class Planned(msgspec.Struct, kw_only=True, frozen=True, tag="planned"):
+    appointment_id: str
+    reservations: dict[str, int]
+    consumed: dict[str, int]
+    keys: tuple[str, ...]
 
 
-class Consumed(msgspec.Struct, kw_only=True, frozen=True, tag="consumed"):
-    appointment: str
-    quantity: int
+class Acked(msgspec.Struct, kw_only=True, frozen=True, tag="acked"):
+    appointment_id: str
+    ack: DownstreamAck
 
 
-Event = Reserved | Held | Released | Consumed
+Event = Planned | Acked
 
 
 class SupplyState(msgspec.Struct, kw_only=True, frozen=True):
-    """Reservations and consumption of one item at one facility."""
+    """Per appointment: what is reserved and consumed at this facility, and its ledger."""
 
     id: str
-    reservations: dict[str, int] = msgspec.field(default_factory=dict)
-    consumed: int = 0
-    changes: int = 0
-
-    @property
-    def reserved(self) -> int:
-        """Total quantity reserved by open appointments."""
-        return sum(self.reservations.values())
+    reservations: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    consumed: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    ledgers: dict[str, Ledger] = msgspec.field(default_factory=dict)
+    owners: dict[str, str] = msgspec.field(default_factory=dict)
+    """Pending effect key to the appointment it belongs to (to file acknowledgements)."""
 
 
 def initial(entity: str) -> SupplyState:
-    """No reservations, nothing consumed."""
+    """A facility with nothing reserved."""
     return SupplyState(id=entity)
 
 
 def decide(state: SupplyState, command: Command[Any]) -> Accepted[Event] | Rejected:
-    """Turn an adjustment into the event it means for this item's stock."""
+    """Turn a plan into item changes and supply-system messages; file acknowledgements."""
     p = command.payload
-    if not isinstance(p, Adjust):
+    if isinstance(p, DownstreamAck):
+        appointment = state.owners.get(p.effect_key)
+        if appointment is None:
+            return Accepted()  # not ours, or already settled
+        return Accepted(events=(Acked(appointment_id=appointment, ack=p),))
+    if not isinstance(p, SupplyPlan):
         return Rejected(f"supply does not handle {type(p).__name__}")
-    if p.quantity < 0:
-        return Rejected(f"quantity {p.quantity} is negative")
-    event: Event
-    if command.name == "reserve":
-        event = Reserved(appointment=p.appointment, quantity=p.quantity)
-    elif command.name == "hold":
-        event = Held(appointment=p.appointment)
-    elif command.name == "release":
-        event = Released(appointment=p.appointment)
-    else:
-        event = Consumed(appointment=p.appointment, quantity=p.quantity)
-    return Accepted(events=(event,))
+    appointment = p.appointment_id
+    old_res = state.reservations.get(appointment, {})
+    old_used = state.consumed.get(appointment, {})
+    new_res = {line.item_id: line.quantity for line in p.reservations if line.quantity > 0}
+    new_used = {line.item_id: line.quantity for line in p.consumed if line.quantity}
+    effects: list[Effect] = []
+    downstream: list[str] = []
+    for item_id in sorted(set(old_res) | set(new_res) | set(old_used) | set(new_used)):
+        used = new_used.get(item_id, 0) - old_used.get(item_id, 0)
+        before, after = old_res.get(item_id, 0), new_res.get(item_id, 0)
+        stock = ActorRef("item", f"{item_id}@{state.id}")
+        base = f"{command.id}:{item_id}"
+        if used > 0:
+            effects.append(
+                Effect(
+                    target=stock,
+                    name="consume",
+                    key=f"{base}:consume",
+                    payload={"appointment_id": appointment, "quantity": used},
+                )
+            )
+            effects.append(
+                _down(
+                    state,
+                    f"{base}:consumption",
+                    "consumption",
+                    {
+                        "facility_id": state.id,
+                        "item_id": item_id,
+                        "appointment_id": appointment,
+                        "quantity": used,
+                    },
+                )
+            )
+        # The item actor takes a consumption out of the reservation by itself.
+        expected = max(0, before - max(used, 0))
+        if after != expected:
+            if after:
+                effects.append(
+                    Effect(
+                        target=stock,
+                        name="reserve",
+                        key=f"{base}:reserve",
+                        payload={"appointment_id": appointment, "quantity": after},
+                    )
+                )
+            else:
+                effects.append(
+                    Effect(
+                        target=stock,
+                        name="release",
+                        key=f"{base}:release",
+                        payload={"appointment_id": appointment},
+                    )
+                )
+        if after != before:
+            effects.append(
+                _down(
+                    state,
+                    f"{base}:reservation",
+                    "reservation",
+                    {
+                        "facility_id": state.id,
+                        "item_id": item_id,
+                        "appointment_id": appointment,
+                        "quantity": after - before,
+                    },
+                )
+            )
+    downstream = [e.key for e in effects if isinstance(e.target, Downstream)]
+    if not effects and (new_res, new_used) == (old_res, old_used):
+        return Accepted()
+    event = Planned(
+        appointment_id=appointment, reservations=new_res, consumed=new_used, keys=tuple(downstream)
+    )
+    return Accepted(events=(event,), effects=tuple(effects))
+
+
+def _down(state: SupplyState, key: str, operation: str, payload: dict[str, Any]) -> Effect:
+    return Effect(target=Downstream("supply", state.id), name=operation, key=key, payload=payload)
 
 
 def evolve(state: SupplyState, event: Event) -> SupplyState:
     """Apply one recorded event; never fails."""
-    reservations = state.reservations
-    consumed = state.consumed
-    if isinstance(event, Reserved):
-        reservations = {**reservations, event.appointment: event.quantity}
-    elif isinstance(event, Released | Consumed) and event.appointment in reservations:
-        reservations = {k: v for k, v in reservations.items() if k != event.appointment}
-    if isinstance(event, Consumed):
-        consumed += event.quantity
-    return msgspec.structs.replace(
-        state, reservations=reservations, consumed=consumed, changes=state.changes + 1
-    )
+    replace = msgspec.structs.replace
+    appointment = event.appointment_id
+    ledger = state.ledgers.get(appointment, Ledger())
+    if isinstance(event, Planned):
+        reservations = {**state.reservations, appointment: event.reservations}
+        if not event.reservations:
+            del reservations[appointment]
+        consumed = {**state.consumed, appointment: event.consumed}
+        if not event.consumed:
+            del consumed[appointment]
+        owners = {**state.owners, **dict.fromkeys(event.keys, appointment)}
+        ledgers = {**state.ledgers, appointment: sent(ledger, event.keys)}
+        return replace(
+            state, reservations=reservations, consumed=consumed, ledgers=ledgers, owners=owners
+        )
+    owners = {k: v for k, v in state.owners.items() if k != event.ack.effect_key}
+    ledgers = {**state.ledgers, appointment: acknowledged(ledger, event.ack)}
+    return replace(state, ledgers=ledgers, owners=owners)
 
 
 KIND: EntityKind[SupplyState, Event] = EntityKind(
     name="supply",
     state_type=SupplyState,
-    commands={"reserve": Adjust, "hold": Adjust, "release": Adjust, "consume": Adjust},
+    commands={"plan": SupplyPlan, "downstream_ack": DownstreamAck},
     initial=initial,
     decide=decide,
     evolve=evolve,
-    description="stock of one item at one facility",
+    description="the supply-system conversation of one facility",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 
@@ -69,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--json", action="store_true", help="JSON summary")
     rebuild.set_defaults(run=lambda a, c: _rebuild(a, c))
 
+    refdata = sub.add_parser("refdata", help="versioned reference data (CSV sets)")
+    refdata_sub = refdata.add_subparsers(dest="refdata_command", required=True, metavar="ACTION")
+    refdata_load = refdata_sub.add_parser(
+        "load", parents=[client], help="check a directory of CSV files and load it as a version"
+    )
+    refdata_load.add_argument("directory", metavar="DIR", help="directory of CSV files")
+    refdata_load.add_argument("--json", action="store_true", help="one JSON object")
+    refdata_load.set_defaults(run=lambda a, c: _refdata_load(a, c))
+
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmark on a fresh embedded deployment"
     )
@@ -96,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=lambda a, c: _bench(a, c))
 
+    _add_sim_parser(sub, client)
+
     config = sub.add_parser("config", help="show the effective configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser(
@@ -103,6 +115,70 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.set_defaults(run=lambda a, c: _config_show(c))
     return parser
+
+
+def _add_sim_parser(sub: Any, client: argparse.ArgumentParser) -> None:
+    # The actions repeat the common options with SUPPRESS defaults: with plain defaults,
+    # argparse would let `sim ACTION`'s None overwrite a `sim --data-dir X ACTION` value.
+    action_common = argparse.ArgumentParser(add_help=False)
+    for flag, text in (("--data-dir", "data directory"), ("--config", "TOML config file")):
+        action_common.add_argument(flag, default=argparse.SUPPRESS, help=text)
+    action_common.add_argument("--nats", default=argparse.SUPPRESS, help="NATS URL")
+    action_common.add_argument(
+        "--sim-prefix", default=argparse.SUPPRESS, help="simulator subject prefix (default sim)"
+    )
+    sim = sub.add_parser(
+        "sim", parents=[client], help="run the simulated billing, ERP and supply systems"
+    )
+    sim.add_argument(
+        "--sim-prefix", default="sim", help="subject prefix of the simulators (default sim)"
+    )
+    sim.set_defaults(run=lambda a, c: _sim(a, c))
+    actions = sim.add_subparsers(dest="sim_command", metavar="ACTION")
+    systems = ("billing", "erp", "supply")
+    fail = actions.add_parser("fail", parents=[action_common], help="make a system fail a while")
+    fail.add_argument("system", choices=systems)
+    fail.add_argument(
+        "--for", dest="for_s", type=float, required=True, metavar="SECONDS", help="how long"
+    )
+    fail.add_argument("--mode", choices=("down", "slow", "errors"), default="down")
+    fail.add_argument("--delay", dest="delay_s", type=float, help="slow mode: answer delay (s)")
+    heal = actions.add_parser("heal", parents=[action_common], help="clear a system's fault")
+    heal.add_argument("system", choices=systems)
+    report = actions.add_parser("report", parents=[action_common], help="what each system holds")
+    report.add_argument("--json", action="store_true", help="JSON output")
+    receive = actions.add_parser(
+        "receive", parents=[action_common], help="ERP reports goods received for a PO"
+    )
+    receive.add_argument("po", metavar="PO", help="PO id or ERP reference (PO-000001)")
+    claim = actions.add_parser(
+        "claim", parents=[action_common], help="billing reports a claim released or denied"
+    )
+    claim.add_argument("appointment", metavar="APPOINTMENT")
+    claim.add_argument("--status", choices=("released", "denied"), required=True)
+    claim.add_argument("--reason", default="", help="denial reason")
+
+
+async def _sim(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli import sim
+
+    nats_url: str | None = getattr(args, "nats", None)
+    prefix: str = getattr(args, "sim_prefix", "sim")
+    action = getattr(args, "sim_command", None)
+    if action is None:
+        return await sim.run_sim(ctx, nats_url, prefix)
+    if action == "fail":
+        return await sim.run_fail(
+            ctx, nats_url, prefix, args.system, args.for_s, args.mode, args.delay_s
+        )
+    if action == "heal":
+        return await sim.run_heal(ctx, nats_url, prefix, args.system)
+    if action == "report":
+        return await sim.run_report(ctx, nats_url, prefix, args.json)
+    if action == "receive":
+        return await sim.run_feedback(ctx, nats_url, prefix, "receive", {"po": args.po})
+    body = {"appointment_id": args.appointment, "status": args.status, "reason": args.reason}
+    return await sim.run_feedback(ctx, nats_url, prefix, "claim", body)
 
 
 async def _up(args: argparse.Namespace, ctx: Context) -> int:
@@ -142,6 +218,12 @@ async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:
     from caresync.cli.replay import run_rebuild
 
     return await run_rebuild(ctx, args.nats, args.json)
+
+
+async def _refdata_load(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.refdata import run_refdata_load
+
+    return await run_refdata_load(ctx, args.nats, args.directory, args.json)
 
 
 async def _bench(args: argparse.Namespace, ctx: Context) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from contextlib import AsyncExitStack
 
+import anyio
 import nats.js.errors
 
 from caresync.actors import default_registry
@@ -13,6 +14,7 @@ from caresync.cli.datadir import DataDirError, DataDirLock, read_server_record
 from caresync.cli.up import mappings_config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.logs import configure_logging
+from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild
 from caresync.router.service import make_transport, open_store, subjects_for
 from caresync.router.worker import WorkerSettings
@@ -52,14 +54,23 @@ async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool) -> int
                     last[0] = n
                     print(f"replayed {n} messages", file=sys.stderr, flush=True)
 
+            transport = make_transport(nc, ctx.config)
+            subjects = subjects_for(ctx.config)
+            catalog = RefDataCatalog()
+            await catalog.restore(store)
             try:
+                # Catch up with the reference-data log (the store may have been lost too).
+                async with anyio.create_task_group() as tg:
+                    await tg.start(catalog.follow, transport, store, subjects.refdata_stream)
+                    tg.cancel_scope.cancel()
                 report = await rebuild(
-                    transport=make_transport(nc, ctx.config),
+                    transport=transport,
                     store=store,
                     registry=default_registry(),
-                    subjects=subjects_for(ctx.config),
+                    subjects=subjects,
                     settings=WorkerSettings.from_config(ctx.config),
                     progress=progress,
+                    refdata=catalog.at,
                 )
             except nats.js.errors.NotFoundError as exc:
                 raise CommandError(f"no input stream to rebuild from at {url}: {exc}") from exc

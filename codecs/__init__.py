@@ -13,7 +13,13 @@ from caresync.codecs.envelope import (
     sniff_format,
     validate_envelope,
 )
-from caresync.codecs.errors import CodecError, ContractError, DecodeError, SubjectError
+from caresync.codecs.errors import (
+    CodecError,
+    ContractError,
+    DecodeError,
+    RefDataError,
+    SubjectError,
+)
 from caresync.codecs.subjects import EntityAddress, Subjects, decode_token, encode_token
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "DecodeError",
     "EntityAddress",
     "Envelope",
+    "RefDataError",
     "SubjectError",
     "Subjects",
     "WireFormat",

@@ -7,6 +7,7 @@ Subjects, with the default prefix ``cs``::
     cs.out.<system>.<key>       effects for downstream systems (billing, erp, supply)
     cs.dlq.<code>               dead letters: the raw bytes of rejected inputs
     cs.ctl.<op>                 control requests (health, status); request/reply, not stored
+    cs.refdata.load             reference-data sets, one message per load (its seq is its version)
 
 Entity ids are free text (``HOSP:A123``, ``OR 2.1``), subject tokens are not: ids are put in
 subjects with a reversible percent-encoding of the characters NATS reserves.
@@ -169,6 +170,16 @@ class Subjects:
     def dead_letter_stream(self) -> str:
         """Name of the dead-letter stream."""
         return f"{self.stream_prefix}_DLQ"
+
+    @property
+    def refdata_stream(self) -> str:
+        """Name of the stream holding reference-data versions (a version is a stream seq)."""
+        return f"{self.stream_prefix}_REFDATA"
+
+    @property
+    def refdata_subject(self) -> str:
+        """Subject a reference-data set is published on, one message per load."""
+        return f"{self.prefix}.refdata.load"
 
     def consumer_name(self, partition: int) -> str:
         """Durable consumer name of the router on one partition."""

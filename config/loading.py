@@ -39,12 +39,41 @@ RESERVED_ENV_VARS: Final = frozenset(
 _DEFAULTS_SOURCE: Final = "<defaults>"
 _MISSING: Final = object()
 
-# section name -> field name -> field info, derived from the schema once.
-_SCHEMA: Final[dict[str, dict[str, msgspec.structs.FieldInfo]]] = {
-    section.name: {field.name: field for field in msgspec.structs.fields(section.type)}
-    for section in msgspec.structs.fields(Config)
+
+def _struct_type(field_type: Any) -> type[msgspec.Struct] | None:
+    """The Struct a field holds (a nested table), or None for a plain value."""
+    if typing.get_origin(field_type) is typing.Annotated:
+        field_type = typing.get_args(field_type)[0]
+    if isinstance(field_type, type) and issubclass(field_type, msgspec.Struct):
+        return field_type
+    return None
+
+
+def _tables(
+    struct: type[msgspec.Struct], path: str = ""
+) -> dict[str, dict[str, msgspec.structs.FieldInfo]]:
+    """Dotted table path -> field name -> field info, for every table nested in ``struct``."""
+    out: dict[str, dict[str, msgspec.structs.FieldInfo]] = {}
+    for field in msgspec.structs.fields(struct):
+        sub = _struct_type(field.type)
+        if sub is not None:
+            dotted = f"{path}.{field.name}" if path else field.name
+            out[dotted] = {f.name: f for f in msgspec.structs.fields(sub)}
+            out.update(_tables(sub, dotted))
+    return out
+
+
+# Dotted table path (``router``, ``downstream.billing``) -> field name -> field info, and
+# dotted key of every leaf value -> field info; derived from the schema once.
+_TABLES: Final = _tables(Config)
+_SCHEMA: Final = {name: fields for name, fields in _TABLES.items() if "." not in name}
+_LEAVES: Final = {
+    f"{table}.{name}": field
+    for table, fields in _TABLES.items()
+    for name, field in fields.items()
+    if _struct_type(field.type) is None
 }
-_DOTTED_KEYS: Final = [f"{s}.{k}" for s, fields in _SCHEMA.items() for k in fields]
+_DOTTED_KEYS: Final = list(_LEAVES)
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -54,12 +83,12 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     """
     env = os.environ if environ is None else environ
     file_source = _DEFAULTS_SOURCE if path is None else str(path)
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, Any] = {}
     if path is not None:
         data = _read_toml(path)
         _check_known_keys(data, file_source)
         # Copy the tables: environment overrides are merged into them below.
-        merged = {name: dict(table) for name, table in data.items()}
+        merged = _copy_tables(data)
     origins = _apply_env(env, merged)
     cfg = _convert(merged, file_source, origins)
     _check_cross_field(cfg, merged, file_source, origins)
@@ -83,18 +112,40 @@ def dump_toml(cfg: Config) -> str:
         "# caresync configuration. Every key is optional; the values shown are in effect.",
         "# Any key can be overridden by the environment: CARESYNC_<SECTION>__<KEY>=value.",
     ]
-    for section_name, fields in _SCHEMA.items():
-        section = getattr(cfg, section_name)
-        doc = (type(section).__doc__ or "").strip().splitlines()
+    for table_name, fields in _TABLES.items():
+        table: Any = cfg
+        for part in table_name.split("."):
+            table = getattr(table, part)
+        doc = _table_doc(table_name, table)
+        leaves = [name for name in fields if f"{table_name}.{name}" in _LEAVES]
         lines.append("")
         if doc:
             lines.append(f"# {doc[0]}")
-        lines.append(f"[{section_name}]")
-        for name, field in fields.items():
-            lines.append(f"# {_describe_field(field)}")
-            lines.append(f"# env: {_env_name(section_name, name)}")
-            lines.append(f"{name} = {_toml_value(getattr(section, name))}")
+        if leaves or "." not in table_name:
+            lines.append(f"[{table_name}]")
+        for name in leaves:
+            lines.append(f"# {_describe_field(fields[name])}")
+            lines.append(f"# env: {_env_name(table_name, name)}")
+            lines.append(f"{name} = {_toml_value(getattr(table, name))}")
     return "\n".join(lines) + "\n"
+
+
+def _table_doc(table_name: str, table: object) -> list[str]:
+    """A nested table is described by its field in the parent, a section by its docstring."""
+    parent, _, name = table_name.rpartition(".")
+    if parent:
+        description = _field_description(_TABLES[parent][name].type)
+        if description:
+            return [description]
+    return (type(table).__doc__ or "").strip().splitlines()
+
+
+def _field_description(field_type: Any) -> str:
+    if typing.get_origin(field_type) is typing.Annotated:
+        for meta in typing.get_args(field_type)[1:]:
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                return meta.description
+    return ""
 
 
 # --- reading and key checks ---------------------------------------------------
@@ -116,6 +167,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(source, "", f"invalid TOML: {exc}") from exc
 
 
+def _copy_tables(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy nested tables (not values), so that merging overrides leaves ``data`` alone."""
+    return {k: _copy_tables(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
 def _check_known_keys(data: Mapping[str, Any], source: str) -> None:
     for section_name, table in data.items():
         fields = _SCHEMA.get(section_name)
@@ -128,11 +184,20 @@ def _check_known_keys(data: Mapping[str, Any], source: str) -> None:
             raise ConfigError(source, "", f"unknown key '{section_name}'{hint}")
         if not isinstance(table, dict):
             raise ConfigError(source, section_name, f"expected a table, got {table!r}")
-        for key in table:
-            if key not in fields:
-                dotted = f"{section_name}.{key}"
-                hint = _hint(key, list(fields), f"'{section_name}.{{}}'") or _hint_elsewhere(key)
-                raise ConfigError(source, "", f"unknown key '{dotted}'{hint}")
+        _check_table_keys(section_name, table, source)
+
+
+def _check_table_keys(table_name: str, table: Mapping[str, Any], source: str) -> None:
+    fields = _TABLES[table_name]
+    for key, value in table.items():
+        dotted = f"{table_name}.{key}"
+        if key not in fields:
+            hint = _hint(key, list(fields), f"'{table_name}.{{}}'") or _hint_elsewhere(key)
+            raise ConfigError(source, "", f"unknown key '{dotted}'{hint}")
+        if dotted in _TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(source, dotted, f"expected a table, got {value!r}")
+            _check_table_keys(dotted, value, source)
 
 
 def _hint(word: str, candidates: list[str], template: str) -> str:
@@ -143,21 +208,21 @@ def _hint(word: str, candidates: list[str], template: str) -> str:
 
 def _hint_elsewhere(key: str) -> str:
     """Hint for a known key placed in the wrong section (or at top level)."""
-    for section_name, fields in _SCHEMA.items():
+    for table_name, fields in _TABLES.items():
         if key in fields:
-            return f"; did you mean '{section_name}.{key}'?"
+            return f"; did you mean '{table_name}.{key}'?"
     return ""
 
 
 # --- environment ----------------------------------------------------------------
 
 
-def _env_name(section: str, key: str) -> str:
-    return f"{ENV_PREFIX}{section}__{key}".upper()
+def _env_name(table: str, key: str) -> str:
+    return f"{ENV_PREFIX}{table.replace('.', '__')}__{key}".upper()
 
 
-def _apply_env(env: Mapping[str, str], merged: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Merge ``CARESYNC_<SECTION>__<KEY>`` values into ``merged``.
+def _apply_env(env: Mapping[str, str], merged: dict[str, Any]) -> dict[str, str]:
+    """Merge ``CARESYNC_<SECTION>__<KEY>`` values (``__`` between every level) into ``merged``.
 
     Returns dotted key -> variable name, so later errors can name the variable.
     """
@@ -167,23 +232,26 @@ def _apply_env(env: Mapping[str, str], merged: dict[str, dict[str, Any]]) -> dic
         upper = var.upper()
         if not upper.startswith(ENV_PREFIX) or upper in RESERVED_ENV_VARS:
             continue
-        section_name, sep, key = upper[len(ENV_PREFIX) :].lower().partition("__")
-        fields = _SCHEMA.get(section_name)
-        if not sep or fields is None or key not in fields:
-            known = [_env_name(s, k) for s, f in _SCHEMA.items() for k in f]
+        parts = upper[len(ENV_PREFIX) :].lower().split("__")
+        dotted = ".".join(parts)
+        field = _LEAVES.get(dotted)
+        if field is None:
+            known = [_env_name(*key.rsplit(".", 1)) for key in _LEAVES]
             hint = _hint(upper, known, "{}")
             problem = f"not a known setting (expected {ENV_PREFIX}<SECTION>__<KEY>){hint}"
             raise ConfigError(var, "", problem)
-        dotted = f"{section_name}.{key}"
         if dotted in origins:
             raise ConfigError(var, dotted, f"also set by {origins[dotted]}")
         raw = env[var]
         try:
-            value = msgspec.convert(raw, fields[key].type, strict=False)
+            value = msgspec.convert(raw, field.type, strict=False)
         except msgspec.ValidationError as exc:
-            problem = _problem(str(exc), raw, fields[key].type)
+            problem = _problem(str(exc), raw, field.type)
             raise ConfigError(var, dotted, problem) from None
-        merged.setdefault(section_name, {})[key] = value
+        table = merged
+        for part in parts[:-1]:
+            table = table.setdefault(part, {})
+        table[parts[-1]] = value
         origins[dotted] = var
     return origins
 
@@ -194,9 +262,7 @@ _ERROR_PATH = re.compile(r"^(?P<message>.*) - at `\$(?P<path>[^`]*)`$", re.DOTAL
 _EXPECTED = re.compile(r"^Expected (?P<expected>.*?)(?:, got `[^`]*`)?$", re.DOTALL)
 
 
-def _convert(
-    merged: dict[str, dict[str, Any]], file_source: str, origins: dict[str, str]
-) -> Config:
+def _convert(merged: dict[str, Any], file_source: str, origins: dict[str, str]) -> Config:
     try:
         # strict: a TOML file has real types, so "500" for an int is a mistake there.
         return msgspec.convert(merged, Config, strict=True)
@@ -215,9 +281,8 @@ def _convert(
 
 
 def _field_type(parts: list[str]) -> Any:
-    if len(parts) == 2 and parts[0] in _SCHEMA and parts[1] in _SCHEMA[parts[0]]:
-        return _SCHEMA[parts[0]][parts[1]].type
-    return None
+    field = _LEAVES.get(".".join(parts))
+    return None if field is None else field.type
 
 
 def _problem(message: str, value: object, field_type: Any) -> str:
@@ -242,17 +307,16 @@ def _literal_values(field_type: Any) -> tuple[object, ...]:
 
 
 def _check_cross_field(
-    cfg: Config, merged: dict[str, dict[str, Any]], file_source: str, origins: dict[str, str]
+    cfg: Config, merged: dict[str, Any], file_source: str, origins: dict[str, str]
 ) -> None:
     def fail(key: str, other: str, problem: str) -> typing.NoReturn:
         # Blame whichever of the two keys the user actually set, preferring `key`.
         source = file_source
         for candidate in (key, other):
-            section, _, name = candidate.partition(".")
             if candidate in origins:
                 source = origins[candidate]
                 break
-            if name in merged.get(section, {}):
+            if _is_set(merged, candidate):
                 break
         raise ConfigError(source, key, problem)
 
@@ -288,6 +352,32 @@ def _check_cross_field(
             f"must not exceed outbox.retry_backoff_max_ms ({out.retry_backoff_max_ms!r}),"
             f" got {out.retry_backoff_initial_ms!r}",
         )
+    for system in ("billing", "erp", "supply"):
+        conn = getattr(cfg.downstream, system)
+        table = f"downstream.{system}"
+        if conn.backoff_initial_ms > conn.backoff_max_ms:
+            fail(
+                f"{table}.backoff_initial_ms",
+                f"{table}.backoff_max_ms",
+                f"must not exceed {table}.backoff_max_ms ({conn.backoff_max_ms!r}),"
+                f" got {conn.backoff_initial_ms!r}",
+            )
+        if conn.enabled and conn.transport == "http" and not conn.url:
+            fail(
+                f"{table}.url",
+                f"{table}.transport",
+                f'must be set when {table}.transport is "http", got ""',
+            )
+
+
+def _is_set(merged: Mapping[str, Any], dotted: str) -> bool:
+    """Whether the file or environment gave ``dotted`` a value."""
+    value: Any = merged
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return False
+        value = value[part]
+    return True
 
 
 # --- TOML rendering -------------------------------------------------------------

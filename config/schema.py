@@ -15,6 +15,8 @@ from msgspec import Meta
 
 __all__ = [
     "Config",
+    "ConnectorConfig",
+    "DownstreamConfig",
     "LogConfig",
     "NatsConfig",
     "OutboxConfig",
@@ -28,6 +30,8 @@ __all__ = [
 SUBJECT_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 # Stream names may not contain `.`, wildcards or whitespace either.
 STREAM_PREFIX_PATTERN = r"^[A-Za-z0-9_-]+$"
+# "Name: value", the name an HTTP token (RFC 9110), or empty for none.
+AUTH_HEADER_PATTERN = r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+:.*)?$"
 
 
 class NatsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -171,6 +175,59 @@ class LogConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     ] = "json"
 
 
+class ConnectorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How one downstream system is reached, and how failed calls are retried."""
+
+    transport: Annotated[
+        Literal["nats", "http"],
+        Meta(description="nats: request/reply on NATS; http: POST with httpx"),
+    ] = "nats"
+    subject_prefix: Annotated[
+        str,
+        Meta(
+            pattern=SUBJECT_PREFIX_PATTERN,
+            description="NATS: requests go to <subject_prefix>.<system>.<operation>",
+        ),
+    ] = "sim"
+    url: Annotated[
+        str, Meta(description="HTTP: base URL; each call is a POST to <url>/<operation>")
+    ] = ""
+    auth_header: Annotated[
+        str,
+        Meta(
+            pattern=AUTH_HEADER_PATTERN,
+            description='HTTP: header sent with every call, "Name: value" ("" for none)',
+        ),
+    ] = ""
+    timeout_s: Annotated[float, Meta(gt=0, description="Timeout of one call")] = 5.0
+    max_attempts: Annotated[
+        int, Meta(ge=0, description="Attempts before an effect fails; 0 retries forever")
+    ] = 0
+    backoff_initial_ms: Annotated[
+        float, Meta(gt=0, description="Delay before the first retry of a transient failure")
+    ] = 100.0
+    backoff_max_ms: Annotated[
+        float, Meta(gt=0, description="Upper bound for the retry delay (it doubles each time)")
+    ] = 10_000.0
+    enabled: Annotated[
+        bool, Meta(description="Deliver this system's effects from this process")
+    ] = True
+
+
+class DownstreamConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Connectors to the downstream systems, one table per system."""
+
+    billing: Annotated[ConnectorConfig, Meta(description="The billing system")] = msgspec.field(
+        default_factory=ConnectorConfig
+    )
+    erp: Annotated[ConnectorConfig, Meta(description="The ERP")] = msgspec.field(
+        default_factory=ConnectorConfig
+    )
+    supply: Annotated[
+        ConnectorConfig, Meta(description="The materials-management (supply) system")
+    ] = msgspec.field(default_factory=ConnectorConfig)
+
+
 class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The whole caresync configuration; one attribute per TOML section."""
 
@@ -181,3 +238,4 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    downstream: DownstreamConfig = msgspec.field(default_factory=DownstreamConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,17 @@ class Prepared:
 class CommandDecoder:
     """Turns input messages into commands; typed decoders are built once per command type."""
 
-    def __init__(self, registry: Registry, subjects: Subjects) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        subjects: Subjects,
+        refdata: Callable[[int], Any] | None = None,
+    ) -> None:
         self._registry = registry
         self._subjects = subjects
+        # The reference data in force when a message entered the log (by its stream
+        # timestamp), so that a replay decides with the same data as the live run.
+        self._refdata = refdata
         self._json: dict[tuple[str, str], msgspec.json.Decoder[Any]] = {}
         self._msgpack: dict[tuple[str, str], msgspec.msgpack.Decoder[Any]] = {}
         for kind in registry.kinds.values():
@@ -91,6 +100,7 @@ class CommandDecoder:
             correlation_id=env.correlation,
             causation_id=env.causation_id,
             source=env.source,
+            refdata=self._refdata(message.timestamp_ns) if self._refdata is not None else None,
         )
         return Prepared(message, kind, env, command)
 

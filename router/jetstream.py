@@ -76,6 +76,15 @@ def _stream_seq(reply: str) -> int:
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
+def _stream_timestamp_ns(reply: str) -> int:
+    # The <ts> token of the same forms: nanoseconds since the epoch when the stream stored it.
+    tokens = reply.split(".")
+    try:
+        return int(tokens[7] if len(tokens) == 9 else tokens[9])
+    except (IndexError, ValueError):
+        return 0
+
+
 class JetStreamConsumer:
     """A continuous pull consumer on one stream (see the module docstring)."""
 
@@ -165,6 +174,7 @@ class JetStreamConsumer:
                 stream=self._stream,
                 seq=_stream_seq(msg.reply),
                 reply=msg.reply,
+                timestamp_ns=_stream_timestamp_ns(msg.reply),
             )
         )
 

@@ -7,6 +7,7 @@ sequence.  For unit tests of the runtime and for deterministic simulations only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,7 +67,14 @@ class MemoryTransport:
                     stream.msg_ids.add(msg_id)
                 seq = len(stream.messages) + 1
                 stream.messages.append(
-                    Inbound(subject, data, dict(headers) if headers else None, stream.name, seq)
+                    Inbound(
+                        subject,
+                        data,
+                        dict(headers) if headers else None,
+                        stream.name,
+                        seq,
+                        timestamp_ns=time.time_ns(),
+                    )
                 )
                 self._arrived.set()
                 self._arrived = anyio.Event()

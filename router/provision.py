@@ -30,7 +30,7 @@ class StreamSpec:
 
 
 def stream_specs(subjects: Subjects) -> list[StreamSpec]:
-    """Every stream of a deployment: one input stream per partition, output, dead letters."""
+    """Every stream: one input stream per partition, output, dead letters, reference data."""
     specs = [
         StreamSpec(
             subjects.input_stream(p),
@@ -51,6 +51,13 @@ def stream_specs(subjects: Subjects) -> list[StreamSpec]:
             subjects.dead_letter_stream,
             (f"{subjects.prefix}.dlq.>",),
             "caresync dead letters: raw rejected inputs with reasons",
+        )
+    )
+    specs.append(
+        StreamSpec(
+            subjects.refdata_stream,
+            (subjects.refdata_subject,),
+            "caresync reference data: one set per load, its sequence is its version",
         )
     )
     return specs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -76,6 +77,7 @@ async def rebuild(
     subjects: Subjects,
     settings: WorkerSettings,
     progress: Callable[[int], None] | None = None,
+    refdata: Callable[[int], Any] | None = None,
 ) -> RebuildReport:
     """Reset derived state and re-apply every input stream from its first message.
 
@@ -99,6 +101,7 @@ async def rebuild(
             subjects=subjects,
             publisher=publisher,
             settings=settings,
+            refdata=refdata,
         )
         end = await transport.last_seq(stream)
         done_before = total

@@ -7,6 +7,7 @@ in-memory transport.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class Router:
         registry: Registry,
         subjects: Subjects,
         settings: RouterSettings | None = None,
+        refdata: Callable[[int], Any] | None = None,
     ) -> None:
         self.settings = settings or RouterSettings()
         self.subjects = subjects
@@ -86,6 +88,7 @@ class Router:
                 subjects=subjects,
                 publisher=self.publisher,
                 settings=self.settings.worker,
+                refdata=refdata,
             )
             for p in range(subjects.partitions)
         ]

@@ -12,9 +12,11 @@ from caresync.actors import default_registry
 from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
 from caresync.config import Config
+from caresync.connectors.runner import run_connectors
 from caresync.router.control import ControlResponder
 from caresync.router.jetstream import JetStreamTransport, connect
 from caresync.router.provision import provision
+from caresync.router.refdata import RefDataCatalog
 from caresync.router.runtime import Router, RouterSettings
 from caresync.store import Store
 
@@ -74,6 +76,8 @@ class RouterService:
         self.registry = registry or default_registry()
         self.subjects = subjects_for(cfg)
         self.router: Router | None = None
+        self.catalog = RefDataCatalog()
+        """The reference data versions this router knows (followed from the refdata stream)."""
         self._stop = anyio.Event()
 
     def stop(self) -> None:
@@ -89,16 +93,33 @@ class RouterService:
         try:
             await provision(nc.jetstream(), self.subjects, cfg.streams)
             async with await open_store(cfg, self.data_dir) as store:
+                transport = make_transport(nc, cfg)
+                catalog = self.catalog
+                await catalog.restore(store)
                 router = Router(
-                    transport=make_transport(nc, cfg),
+                    transport=transport,
                     store=store,
                     registry=self.registry,
                     subjects=self.subjects,
                     settings=RouterSettings.from_config(cfg),
+                    refdata=catalog.at,
                 )
                 self.router = router
                 control = ControlResponder(nc, router, store, self.registry, self.subjects)
                 async with anyio.create_task_group() as tg:
+                    # Reference data first: no command is decided with data older than the log.
+                    refdata_scope = anyio.CancelScope()
+
+                    async def follow_refdata(*, task_status: TaskStatus[None]) -> None:
+                        with refdata_scope:
+                            await catalog.follow(
+                                transport,
+                                store,
+                                self.subjects.refdata_stream,
+                                task_status=task_status,
+                            )
+
+                    await tg.start(follow_refdata)
                     await tg.start(router.run)
                     control_scope = anyio.CancelScope()
 
@@ -107,11 +128,25 @@ class RouterService:
                             await control.serve()
 
                     tg.start_soon(serve_control)
+                    # -- downstream connectors (issue 3, part 4): one worker per enabled system;
+                    # cancelled only once the router has drained.
+                    connectors_scope = anyio.CancelScope()
+
+                    async def serve_connectors(*, task_status: TaskStatus[None]) -> None:
+                        with connectors_scope:
+                            await run_connectors(
+                                nc, cfg, self.subjects, store, task_status=task_status
+                            )
+
+                    await tg.start(serve_connectors)
+                    # -- end of downstream connectors
                     task_status.started()
                     await self._stop.wait()
                     router.stop()
                     await router.wait_stopped()
+                    connectors_scope.cancel()
                     control_scope.cancel()
+                    refdata_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 await nc.close()

@@ -23,6 +23,8 @@ class Inbound:
     seq: int
     reply: str = ""
     """Ack subject (JetStream); empty when the transport needs none."""
+    timestamp_ns: int = 0
+    """When the stream stored it, in nanoseconds since the epoch (0 if unknown)."""
 
 
 @dataclass(frozen=True, slots=True)

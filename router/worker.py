@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +127,7 @@ class PartitionWorker:
         subjects: Subjects,
         publisher: Publisher,
         settings: WorkerSettings,
+        refdata: Callable[[int], Any] | None = None,
     ) -> None:
         self.stream = stream
         self.consumer_name = consumer_name
@@ -135,7 +136,7 @@ class PartitionWorker:
         self._subjects = subjects
         self._publisher = publisher
         self._settings = settings
-        self._decoder = CommandDecoder(registry, subjects)
+        self._decoder = CommandDecoder(registry, subjects, refdata)
         self._state_decoders = {
             name: msgspec.msgpack.Decoder(kind.state_type) for name, kind in registry.kinds.items()
         }

@@ -72,4 +72,24 @@ DDL = (
         stream TEXT PRIMARY KEY,
         seq INTEGER NOT NULL
     ) WITHOUT ROWID""",
+    # Reference-data versions seen on the reference-data stream (version = stream seq), kept
+    # so that a restart or a replay applies the data in force without reading the stream.
+    """CREATE TABLE IF NOT EXISTS refdata_versions (
+        version INTEGER PRIMARY KEY,
+        effective_from_ns INTEGER NOT NULL,
+        data BLOB NOT NULL
+    )""",
+    # Every attempt at delivering an effect to a downstream system, with its outcome
+    # (created, duplicate, transient, failed); attempts count on across redeliveries.
+    """CREATE TABLE IF NOT EXISTS downstream_calls (
+        effect_key TEXT NOT NULL,
+        system TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        error TEXT NOT NULL DEFAULT '',
+        reference TEXT NOT NULL DEFAULT '',
+        at REAL NOT NULL,
+        PRIMARY KEY (effect_key, attempt)
+    ) WITHOUT ROWID""",
 )

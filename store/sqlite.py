@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -56,6 +57,22 @@ def applied_query(n: int) -> str:
         "SELECT a.kind, a.entity, a.command_id FROM k CROSS JOIN applied a "
         "ON a.kind = k.kind AND a.entity = k.entity AND a.command_id = k.command_id"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CallRow:
+    """One attempt at delivering an effect to a downstream system (see :meth:`Store.calls`)."""
+
+    effect_key: str
+    system: str
+    operation: str
+    attempt: int
+    outcome: str
+    """``created``, ``duplicate``, ``transient`` (retried) or ``failed`` (given up)."""
+    error: str
+    reference: str
+    at: float
+    """When the attempt ended, in epoch seconds."""
 
 
 class Store:
@@ -407,6 +424,106 @@ class Store:
             await _rollback(self._conn)
             raise map_sqlite_error(exc, "resetting state") from exc
 
+    # -- reference data -----------------------------------------------------------------------
+    async def save_refdata_version(self, version: int, effective_from_ns: int, data: bytes) -> None:
+        """Keep one reference-data version (its stream seq); saving it again changes nothing.
+
+        :meth:`reset_state` leaves these alone: they are not derived from the input streams.
+        """
+        async with self._write_lock:
+            try:
+                await self._conn.execute(
+                    "INSERT INTO refdata_versions (version, effective_from_ns, data) "
+                    "VALUES (?, ?, ?) ON CONFLICT (version) DO NOTHING",
+                    (version, effective_from_ns, data),
+                )
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, "saving a reference-data version") from exc
+
+    async def refdata_versions(self) -> list[tuple[int, int, bytes]]:
+        """Every kept reference-data version as (version, effective_from_ns, data), in order."""
+        try:
+            async with self._conn.execute(
+                "SELECT version, effective_from_ns, data FROM refdata_versions ORDER BY version"
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "reading reference-data versions") from exc
+        return [(int(v), int(ts), bytes(d)) for v, ts, d in rows]
+
+    # -- downstream calls ---------------------------------------------------------------------
+    async def record_call(
+        self,
+        effect_key: str,
+        system: str,
+        operation: str,
+        outcome: str,
+        *,
+        error: str = "",
+        reference: str = "",
+        at: float | None = None,
+    ) -> int:
+        """Record one attempt at a downstream call; returns its attempt number (1, 2, ...).
+
+        Numbers continue across redeliveries of the same effect, so the count is the total.
+        """
+        async with self._write_lock:
+            try:
+                async with self._conn.execute(
+                    "INSERT INTO downstream_calls "
+                    "(effect_key, system, operation, attempt, outcome, error, reference, at) "
+                    "SELECT ?, ?, ?, coalesce(max(attempt), 0) + 1, ?, ?, ?, ? "
+                    "FROM downstream_calls WHERE effect_key = ? RETURNING attempt",
+                    (
+                        effect_key,
+                        system,
+                        operation,
+                        outcome,
+                        error,
+                        reference,
+                        time.time() if at is None else at,
+                        effect_key,
+                    ),
+                ) as cur:
+                    row = await cur.fetchone()
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, "recording a downstream call") from exc
+        return int(row[0]) if row else 0
+
+    async def calls(self, effect_key: str | None = None) -> list[CallRow]:
+        """Recorded downstream call attempts (of one effect), by effect key and attempt."""
+        sql = (
+            "SELECT effect_key, system, operation, attempt, outcome, error, reference, at "
+            "FROM downstream_calls"
+        )
+        params: tuple[str, ...] = ()
+        if effect_key is not None:
+            sql += " WHERE effect_key = ?"
+            params = (effect_key,)
+        try:
+            async with self._conn.execute(sql + " ORDER BY effect_key, attempt", params) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "reading downstream calls") from exc
+        return [
+            CallRow(str(k), str(s), str(o), int(a), str(out), str(e), str(r), float(at))
+            for k, s, o, a, out, e, r, at in rows
+        ]
+
+    async def call_counts(self) -> dict[str, dict[str, int]]:
+        """Attempts recorded per downstream system and outcome."""
+        try:
+            async with self._conn.execute(
+                "SELECT system, outcome, count(*) FROM downstream_calls GROUP BY system, outcome"
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "counting downstream calls") from exc
+        counts: dict[str, dict[str, int]] = {}
+        for system, outcome, n in rows:
+            counts.setdefault(str(system), {})[str(outcome)] = int(n)
+        return counts
+
 
 async def _last_outbox_seq(conn: aiosqlite.Connection) -> int:
     async with conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'") as cur:
@@ -421,4 +538,4 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-__all__ = ["Store", "StoreError"]
+__all__ = ["CallRow", "Store", "StoreError"]

@@ -10,14 +10,22 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import msgspec
 from nats.js import JetStreamContext, api
+from workflow_network import Network, demo_refdata
 
 from caresync.codecs import Subjects, encode_envelope, make_envelope
+from caresync.codecs.refdata import encode_refdata_set
 from caresync.config import Config, load_config
+from caresync.router.service import RouterService
 
 
 def make_config(prefix: str, **sections: dict[str, object]) -> Config:
     """Defaults with this test's own subject/stream prefix, plus section overrides."""
     cfg = load_config(None, environ={})
+    # Connectors only where a test asks for them (no simulator is running otherwise).
+    off = msgspec.structs.replace(cfg.downstream.billing, enabled=False)
+    cfg = msgspec.structs.replace(
+        cfg, downstream=msgspec.structs.replace(cfg.downstream, billing=off, erp=off, supply=off)
+    )
     streams = msgspec.structs.replace(
         cfg.streams,
         subject_prefix=prefix,
@@ -53,18 +61,21 @@ class Sent:
     command_id: str
     appointment: str
     name: str
+    payload: dict[str, object] | None
+    occurred_at: datetime
 
 
-ITEMS = ("gauze", "suture")
-STEPS = ("book", "reschedule", "reschedule", "reschedule", "complete")
+STEPS = ("book", "reschedule", "reschedule", "reschedule", "post_charges")
+FACILITIES = ("MAIN", "NORTH")
 
 
 def appointment_workload(prefix: str, appointments: int, seed: int = 7) -> list[Sent]:
-    """Each appointment: book, 3 reschedules (dates increasing), complete; interleaved at random.
+    """Each appointment: booked, rescheduled 3 times (later dates), charged; interleaved at random.
 
     Per-entity order is kept (that is what a source system guarantees); across entities the
     order is shuffled.  Applied out of order, a reschedule before its booking is rejected, and
-    the final dates would differ — which is what the order tests look for.
+    the final dates would differ — which is what the order tests look for.  Bookings use the
+    card of procedure 27447 in tests/workflow_network.demo_refdata (gauze 4, knee-kit 1).
     """
     rng = random.Random(seed)
     subjects = Subjects(prefix=prefix, stream_prefix=prefix.upper())
@@ -74,28 +85,33 @@ def appointment_workload(prefix: str, appointments: int, seed: int = 7) -> list[
         appt = f"A{a}"
         seq = []
         for step, name in enumerate(STEPS):
-            payload: dict[str, object] | None
+            payload: dict[str, object]
             if name == "book":
                 payload = {
-                    "procedure": "knee",
-                    "facility": f"F{a % 3}",
-                    "date": "2027-01-01",
-                    "items": list(ITEMS),
+                    "procedures": [{"code": "27447"}],
+                    "facility_id": FACILITIES[a % len(FACILITIES)],
+                    "start": "2027-01-01T08:00:00+00:00",
+                    "payer_id": "ACME",
                 }
             elif name == "reschedule":
-                payload = {"date": f"2027-02-{step:02d}"}
+                payload = {"start": f"2027-02-{step:02d}T08:00:00+00:00"}
             else:
-                payload = None
+                payload = {"lines": [{"line_id": f"{appt}-L1", "code": "27447", "amount": "900"}]}
             cid = f"{appt}-{step}"
+            at = base + timedelta(minutes=step)
             env = make_envelope(
-                id=cid,
-                kind=f"appointment.{name}",
-                entity=appt,
-                payload=payload,
-                occurred_at=base + timedelta(minutes=step),
+                id=cid, kind=f"appointment.{name}", entity=appt, payload=payload, occurred_at=at
             )
             seq.append(
-                Sent(subjects.command("appointment", appt), encode_envelope(env), cid, appt, name)
+                Sent(
+                    subjects.command("appointment", appt),
+                    encode_envelope(env),
+                    cid,
+                    appt,
+                    name,
+                    payload,
+                    at,
+                )
             )
         per_entity.append(seq)
     order: list[Sent] = []
@@ -110,7 +126,42 @@ def appointment_workload(prefix: str, appointments: int, seed: int = 7) -> list[
     return order
 
 
-FANOUT_PER_COMMAND = 1 + len(ITEMS) + 1  # billing, one supply per item, erp
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What the pure actors make of a workload: the oracle for runs through the router."""
+
+    internal: int
+    """Commands actors send each other (cs.int.>)."""
+    downstream: int
+    """Effects for downstream systems (cs.out.>)."""
+    network: Network
+
+    @property
+    def applied(self) -> int:
+        """Source commands plus internal ones, all accepted."""
+        return len(self.network.applied)
+
+
+def expected(sent: list[Sent]) -> Expected:
+    """Run the workload through the pure actors (tests/workflow_network.py)."""
+    net = Network()
+    for s in sent:
+        net.send("appointment", s.appointment, s.name, s.payload, id=s.command_id, at=s.occurred_at)
+    assert net.rejected == [], net.rejected
+    return Expected(internal=len(net.internal), downstream=len(net.downstream), network=net)
+
+
+async def load_refdata(js: JetStreamContext, service: RouterService) -> int:
+    """Publish the demo reference data and wait until the router follows it; its version."""
+    ack = await js.publish(
+        service.subjects.refdata_subject, encode_refdata_set(demo_refdata().dataset)
+    )
+
+    async def known() -> bool:
+        return service.catalog.latest_version >= ack.seq
+
+    await wait_for(known, what="the router to load the reference data")
+    return int(ack.seq)
 
 
 async def publish_all(js: JetStreamContext, sent: list[Sent], *, msg_id: bool = True) -> None:

@@ -245,3 +245,144 @@ def test_config_error_is_picklable() -> None:
         err.problem,
         str(err),
     )
+
+
+# --- nested tables: [downstream.<system>] --------------------------------------------------------
+
+
+def test_downstream_defaults() -> None:
+    cfg = load_config(None, environ={})
+    for system in (cfg.downstream.billing, cfg.downstream.erp, cfg.downstream.supply):
+        assert (system.transport, system.subject_prefix, system.enabled) == ("nats", "sim", True)
+        assert (system.timeout_s, system.max_attempts) == (5.0, 0)
+
+
+def test_downstream_from_file_and_nested_environment_overrides(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [downstream.billing]
+        transport = "http"
+        url = "https://billing.example/api"
+        timeout_s = 9.0
+        [downstream.erp]
+        max_attempts = 5
+        """,
+    )
+    environ = {
+        "CARESYNC_DOWNSTREAM__BILLING__TIMEOUT_S": "2",
+        "CARESYNC_DOWNSTREAM__BILLING__AUTH_HEADER": "Authorization: Bearer t0k",
+        "caresync_downstream__supply__enabled": "false",
+    }
+    cfg = load_config(path, environ=environ)
+    billing = cfg.downstream.billing
+    assert (billing.transport, billing.url, billing.timeout_s) == (
+        "http",
+        "https://billing.example/api",
+        2.0,
+    )
+    assert billing.auth_header == "Authorization: Bearer t0k"
+    assert cfg.downstream.erp.max_attempts == 5
+    assert cfg.downstream.erp.timeout_s == 5.0
+    assert cfg.downstream.supply.enabled is False
+
+
+def test_unknown_nested_key_in_file_is_named_with_hint(tmp_path: Path) -> None:
+    path = write(tmp_path, "[downstream.erp]\ntimeout = 2.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == (
+        f"{path}: unknown key 'downstream.erp.timeout'; did you mean 'downstream.erp.timeout_s'?"
+    )
+
+
+def test_unknown_nested_table_in_file_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "[downstream.erpp]\ntimeout_s = 2.0\n")
+    with pytest.raises(ConfigError, match=r"'downstream.erpp'; did you mean 'downstream.erp'"):
+        load_config(path, environ={})
+
+
+def test_nested_table_that_is_not_a_table_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "[downstream]\nerp = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.key == "downstream.erp"
+    assert "expected a table" in info.value.problem
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        "CARESYNC_DOWNSTREAM__ERP__TIMEOUT",
+        "CARESYNC_DOWNSTREAM__ERP",
+        "CARESYNC_DOWNSTREAM__TIMEOUT_S",
+        "CARESYNC_DOWNSTREAM__ERP__TIMEOUT_S__X",
+    ],
+)
+def test_unknown_nested_variable_is_named(var: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={var: "2"})
+    assert info.value.source == var
+    assert "not a known setting" in info.value.problem
+
+
+def test_unknown_nested_variable_gets_a_hint() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"CARESYNC_DOWNSTREAM__ERP__TIMEOUT": "2"})
+    assert "did you mean CARESYNC_DOWNSTREAM__ERP__TIMEOUT_S?" in str(info.value)
+
+
+def test_wrong_nested_value_names_the_key_and_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"CARESYNC_DOWNSTREAM__ERP__TRANSPORT": "smtp"})
+    assert str(info.value) == (
+        "CARESYNC_DOWNSTREAM__ERP__TRANSPORT: downstream.erp.transport: "
+        "expected one of 'nats', 'http', got 'smtp'"
+    )
+    path = write(tmp_path, "[downstream.supply]\nmax_attempts = -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == (f"{path}: downstream.supply.max_attempts: expected int >= 0, got -1")
+
+
+@pytest.mark.parametrize("header", ["Bearer x", ": x", "Bad Name: x"])
+def test_auth_header_needs_a_name(header: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"CARESYNC_DOWNSTREAM__ERP__AUTH_HEADER": header})
+    assert info.value.key == "downstream.erp.auth_header"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[downstream.erp]\ntransport = 'http'\n", "downstream.erp.url"),
+        ("[downstream.billing]\nbackoff_max_ms = 10.0\n", "downstream.billing.backoff_initial_ms"),
+    ],
+)
+def test_downstream_cross_field_rules(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert (info.value.key, info.value.source) == (key, str(path))
+
+
+def test_http_without_url_is_fine_when_disabled() -> None:
+    environ = {
+        "CARESYNC_DOWNSTREAM__ERP__TRANSPORT": "http",
+        "CARESYNC_DOWNSTREAM__ERP__ENABLED": "false",
+    }
+    assert load_config(None, environ=environ).downstream.erp.transport == "http"
+
+
+def test_dump_toml_round_trips_nested_tables(tmp_path: Path) -> None:
+    environ = {
+        "CARESYNC_DOWNSTREAM__BILLING__TRANSPORT": "http",
+        "CARESYNC_DOWNSTREAM__BILLING__URL": "http://billing:8080/v1",
+        "CARESYNC_DOWNSTREAM__BILLING__AUTH_HEADER": 'X-Api-Key: "k"',
+        "CARESYNC_DOWNSTREAM__ERP__ENABLED": "false",
+    }
+    cfg = load_config(None, environ=environ)
+    text = dump_toml(cfg)
+    assert "[downstream.billing]" in text
+    assert "# env: CARESYNC_DOWNSTREAM__BILLING__AUTH_HEADER" in text
+    assert load_config(write(tmp_path, text), environ={}) == cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -28,8 +29,14 @@ async def test_a_rejection_is_logged_with_entity_command_and_correlation(tmp_pat
     transport.add_stream(S.input_stream(0), S.input_stream_subjects(0))
     transport.add_stream(S.output_stream, [f"{S.prefix}.out.>"])
     transport.add_stream(S.dead_letter_stream, [f"{S.prefix}.dlq.>"])
+    # A cancellation of an appointment nobody booked yet: rejected by the appointment actor.
     env = make_envelope(
-        id="cancel-1", kind="appointment.cancel", entity="A9", correlation_id="case-77"
+        id="cancel-1",
+        kind="appointment.cancel",
+        entity="A9",
+        payload={"reason": "patient request"},
+        occurred_at=datetime(2027, 3, 1, 8, 0, tzinfo=UTC),
+        correlation_id="case-77",
     )
     transport.append(S.command("appointment", "A9"), encode_envelope(env))
     async with await Store.open(tmp_path / "s.db") as store:
@@ -41,11 +48,14 @@ async def test_a_rejection_is_logged_with_entity_command_and_correlation(tmp_pat
                     while await store.offset(S.input_stream(0)) < 1:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                 router.stop()
+        outcome = await store.outcome("appointment", "A9", "cancel-1")
+    reason = "appointment A9 is new, not booked: cannot cancel"
+    assert outcome == ("rejected", reason)
     [rejected] = [line for line in logs if line["event"] == "command_rejected"]
     assert rejected["entity"] == "appointment:A9"
     assert rejected["command_id"] == "cancel-1"
     assert rejected["correlation_id"] == "case-77"
-    assert "not booked" in rejected["reason"]
+    assert rejected["reason"] == reason
 
 
 def test_json_lines_are_rendered_once_configured(monkeypatch: pytest.MonkeyPatch) -> None:

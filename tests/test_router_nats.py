@@ -13,10 +13,10 @@ import msgspec
 import nats
 import pytest
 from harness import (
-    FANOUT_PER_COMMAND,
-    STEPS,
     appointment_workload,
     count_on,
+    expected,
+    load_refdata,
     make_config,
     publish_all,
     stream_messages,
@@ -28,9 +28,11 @@ from caresync.actors import Accepted, EntityKind, Registry, default_registry
 from caresync.actors.appointment import AppointmentState
 from caresync.codecs import encode_envelope, make_envelope
 from caresync.config import Config
+from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild
 from caresync.router.service import RouterService, make_transport, open_store, subjects_for
 from caresync.router.worker import WorkerSettings
+from caresync.store import Store
 
 pytestmark = pytest.mark.anyio
 
@@ -78,23 +80,27 @@ async def test_per_entity_order_with_many_entities_interleaved(
     cfg = make_config(unique_prefix, router={"batch_size": 64})
     sent = appointment_workload(unique_prefix, appointments=300)
     subjects = subjects_for(cfg)
+    oracle = expected(sent)
     async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        await load_refdata(nc.jetstream(), service)
         await publish_all(nc.jetstream(), sent)
-        expected = len(sent) * (1 + FANOUT_PER_COMMAND)
 
         async def all_applied() -> bool:
-            return stats(service)["accepted"] >= expected
+            return stats(service)["accepted"] >= oracle.applied
 
-        await wait_for(all_applied, what=f"{expected} accepted commands")
+        await wait_for(all_applied, what=f"{oracle.applied} accepted commands")
         assert stats(service)["rejected"] == 0  # an out-of-order apply would be rejected
         internal = await count_on(
             nc.jetstream(), subjects.input_stream(0), f"{unique_prefix}.int.>"
         )
-        assert internal == len(sent) * FANOUT_PER_COMMAND
+        assert internal == oracle.internal
     states = await appointment_states(cfg, tmp_path)
     assert len(states) == 300
     for state in states.values():
-        assert (state.status, state.date, state.version) == ("completed", "2027-02-03", 5)
+        assert state.details is not None
+        start = state.details.start.date().isoformat()
+        assert (state.status, start, state.version) == ("completed", "2027-02-03", 5)
+        assert state == oracle.network.state("appointment", state.id)
 
 
 async def test_duplicates_are_noops_after_the_jetstream_window(
@@ -103,12 +109,14 @@ async def test_duplicates_are_noops_after_the_jetstream_window(
     cfg = make_config(unique_prefix, streams={"duplicate_window_s": 1.0})
     sent = appointment_workload(unique_prefix, appointments=1)
     book = sent[0]
+    applied = expected([book]).applied
     async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
         js = nc.jetstream()
+        await load_refdata(js, service)
         await js.publish(book.subject, book.data, headers={"Nats-Msg-Id": book.command_id})
 
         async def booked() -> bool:
-            return stats(service)["accepted"] == 1 + FANOUT_PER_COMMAND
+            return stats(service)["accepted"] == applied
 
         await wait_for(booked, what="the booking")
 
@@ -126,7 +134,7 @@ async def test_duplicates_are_noops_after_the_jetstream_window(
             return stats(service)["duplicates"] >= 1
 
         await wait_for(deduped, what="the router to see the duplicate")
-        assert stats(service)["accepted"] == 1 + FANOUT_PER_COMMAND
+        assert stats(service)["accepted"] == applied
         assert stats(service)["rejected"] == 0
     states = await appointment_states(cfg, tmp_path)
     assert states["A0"].version == 1
@@ -138,6 +146,7 @@ async def test_bad_input_is_dead_lettered_with_raw_bytes_and_the_router_keeps_go
     cfg = make_config(unique_prefix)
     subjects = subjects_for(cfg)
     good = appointment_workload(unique_prefix, appointments=1)[0]
+    good_applied = expected([good]).applied
     bad: list[tuple[str, bytes, str]] = [
         (subjects.command("appointment", "X1"), b"{not json", "malformed json"),
         (
@@ -171,13 +180,14 @@ async def test_bad_input_is_dead_lettered_with_raw_bytes_and_the_router_keeps_go
     ]
     async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
         js = nc.jetstream()
+        await load_refdata(js, service)
         for subject, data, _ in bad:
             await js.publish(subject, data)
         await js.publish(good.subject, good.data)
 
         async def done() -> bool:
             s = stats(service)
-            return s["dead_lettered"] == len(bad) and s["accepted"] == 1 + FANOUT_PER_COMMAND
+            return s["dead_lettered"] == len(bad) and s["accepted"] == good_applied
 
         await wait_for(done, what="dead letters and the good booking")
         letters = await stream_messages(js, subjects.dead_letter_stream, f"{unique_prefix}.dlq.>")
@@ -275,16 +285,29 @@ async def live_run(
 ) -> list[tuple[str, str, bytes]]:
     """Run the appointment workload to the end; the committed snapshots afterwards."""
     sent = appointment_workload(cfg.streams.subject_prefix, appointments=appointments)
+    oracle = expected(sent)
     async with running(cfg, url, data_dir) as service, client(url) as nc:
+        await load_refdata(nc.jetstream(), service)
         await publish_all(nc.jetstream(), sent)
-        expected = len(sent) * (1 + FANOUT_PER_COMMAND)
 
         async def applied() -> bool:
-            return stats(service)["accepted"] == expected
+            return stats(service)["accepted"] == oracle.applied
 
         await wait_for(applied, what="the live run")
     async with await open_store(cfg, data_dir) as store:
         return [(e.kind, e.id, e.state) for e in await store.entities()]
+
+
+async def catalog_from_log(nc: NatsClient, cfg: Config, store: Store) -> RefDataCatalog:
+    """The reference data versions, from the store and the refdata stream (as the CLI does)."""
+    catalog = RefDataCatalog()
+    await catalog.restore(store)
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            catalog.follow, make_transport(nc, cfg), store, subjects_for(cfg).refdata_stream
+        )
+        tg.cancel_scope.cancel()
+    return catalog
 
 
 async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(
@@ -300,12 +323,14 @@ async def test_replay_rebuild_produces_the_live_state_and_resends_nothing(
         out_before = (await js.stream_info(subjects.output_stream)).state.messages
         in_before = (await js.stream_info(subjects.input_stream(0))).state.messages
         async with await open_store(cfg, tmp_path) as store:
+            catalog = await catalog_from_log(nc, cfg, store)
             report = await rebuild(
                 transport=make_transport(nc, cfg),
                 store=store,
                 registry=default_registry(),
                 subjects=subjects,
                 settings=WorkerSettings.from_config(cfg),
+                refdata=catalog.at,
             )
             rebuilt = [(e.kind, e.id, e.state) for e in await store.entities()]
             counts = await store.counts()
@@ -327,17 +352,19 @@ async def test_rebuild_from_the_streams_alone_sends_nothing_again(
     for leftover in tmp_path.glob("caresync.db*"):
         leftover.unlink()
     async with client(nats_url) as nc, await open_store(cfg, tmp_path) as store:
+        catalog = await catalog_from_log(nc, cfg, store)
         await rebuild(
             transport=make_transport(nc, cfg),
             store=store,
             registry=default_registry(),
             subjects=subjects,
             settings=WorkerSettings.from_config(cfg),
+            refdata=catalog.at,
         )
         rebuilt = [(e.kind, e.id, e.state) for e in await store.entities()]
         counts = await store.counts()
     assert rebuilt == live
     assert counts["outbox_pending"] == 0
-    # every fan-out and one charge per completed appointment, all recognised as sent
-    commands = appointments * len(STEPS)
-    assert counts["outbox_sent"] == commands * FANOUT_PER_COMMAND + appointments
+    # every internal and downstream effect, all recognised as sent
+    oracle = expected(appointment_workload(unique_prefix, appointments=appointments))
+    assert counts["outbox_sent"] == oracle.internal + oracle.downstream

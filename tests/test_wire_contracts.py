@@ -2,36 +2,111 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import pytest
+from workflow_network import demo_refdata
 
 import caresync.actors
 import caresync.codecs
 import caresync.store
 from caresync.actors import default_registry
 
+REFDATA = demo_refdata()
+
 SAMPLES: dict[str, dict[str, Any]] = {
+    # appointment (codecs/scheduling.py)
     "appointment.book": {
-        "procedure": "27447",
-        "facility": "MAIN-OR",
-        "date": "2026-12-02",
-        "items": ["gauze", "suture"],
+        "procedures": [{"code": "27447", "provider_id": "DR-WHO"}, {"code": "66984"}],
+        "facility_id": "MAIN",
+        "start": "2026-12-02T07:30:00-05:00",
+        "duration_min": 90,
+        "room": "OR-1",
+        "providers": ["DR-WHO"],
+        "patient_class": "O",
+        "patient_id": "P1",
+        "visit_number": "V1",
+        "payer_id": "ACME",
     },
-    "appointment.reschedule": {"date": "2026-12-09", "facility": "ASC-2"},
+    "appointment.reschedule": {
+        "start": "2026-12-09T08:00:00+00:00",
+        "facility_id": "NORTH",
+        "room": "OR-2",
+        "duration_min": 60,
+    },
+    "appointment.modify": {
+        "procedures": [{"code": "27447"}],
+        "providers": [],
+        "room": "OR-3",
+        "payer_id": "STRICT",
+    },
     "appointment.cancel": {"reason": "patient request"},
-    "appointment.complete": {},
-    "billing.track": {"appointment": "A1", "change": "completed", "procedure": "27447"},
-    "supply.reserve": {"appointment": "A1", "quantity": 2},
-    "supply.hold": {"appointment": "A1", "quantity": 2},
-    "supply.release": {"appointment": "A1", "quantity": 2},
-    "supply.consume": {"appointment": "A1", "quantity": 2},
-    "erp.record": {
-        "appointment": "A1",
-        "change": "booked",
-        "date": "2026-12-02",
-        "procedure": "27447",
+    "appointment.no_show": {"reason": "did not arrive"},
+    "appointment.delete": {"reason": "entered in error"},
+    "appointment.coverage": {"payer_id": "ACME", "patient_class": "I"},
+    "appointment.post_charges": {
+        "lines": [
+            {"line_id": "L1", "code": "27447", "amount": "5000.00"},
+            {"line_id": "L2", "code": "C-GAUZE", "quantity": 3, "amount": "7.50"},
+            {
+                "line_id": "L3",
+                "code": "C-GAUZE",
+                "type": "credit",
+                "quantity": 1,
+                "amount": "2.50",
+                "currency": "USD",
+                "reverses": "L2",
+            },
+        ]
+    },
+    # billing
+    "billing.update": {
+        "appointment_id": "E1",
+        "status": "completed",
+        "readiness": "ready",
+        "payer_id": "ACME",
+        "procedures": ["27447"],
+        "charges": [{"line_id": "L1", "code": "27447", "amount": "5000.00"}],
+    },
+    "billing.claim_status": {
+        "appointment_id": "E1",
+        "status": "denied",
+        "claim_id": "CLM-1",
+        "reason": "no authorization",
+    },
+    "billing.downstream_ack": {
+        "effect_key": "c-update:billing:readiness",
+        "system": "billing",
+        "operation": "readiness",
+        "outcome": "created",
+        "reference": "BILL-1",
+    },
+    # supply (keyed by facility)
+    "supply.plan": {
+        "appointment_id": "A1",
+        "reservations": [
+            {"item_id": "gauze", "quantity": 4},
+            {"item_id": "knee-kit", "quantity": 1},
+        ],
+        "consumed": [{"item_id": "gauze", "quantity": 2}],
+    },
+    "supply.downstream_ack": {
+        "effect_key": "c-plan:gauze:reservation",
+        "system": "supply",
+        "operation": "reservation",
+        "outcome": "failed",
+        "error": "item blocked",
+        "attempts": 3,
+    },
+    # erp (keyed by facility)
+    "erp.demand": {
+        "appointment_id": "A1",
+        "lines": [
+            {"item_id": "gauze", "date": "2026-12-02", "quantity": 4},
+            {"item_id": "knee-kit", "date": "2026-12-02", "quantity": 1},
+        ],
     },
     "erp.purchase_order": {
         "po_id": "PO:gauze@F1:1",
@@ -50,17 +125,29 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "unit_cost": "1.25",
         "cost_center": "CC1",
     },
+    "erp.downstream_ack": {
+        "effect_key": "c-demand:erp:demand:gauze:2026-12-02",
+        "system": "erp",
+        "operation": "demand",
+        "outcome": "duplicate",
+        "reference": "DEM-1",
+    },
+    # item (keyed item@facility)
     "item.set_stock": {
         "on_hand": 20,
         "reorder_point": 10,
         "reorder_quantity": 50,
         "refdata_version": 1,
     },
-    "item.reserve": {"appointment_id": "A1", "quantity": 4},
+    "item.reserve": {"appointment_id": "A1", "quantity": 12},  # crosses: orders PO:gauze@F1:1
     "item.release": {"appointment_id": "A1"},
     "item.consume": {"appointment_id": "A1", "quantity": 3, "line_id": "L1"},
     "item.po_acknowledged": {"po_id": "PO:gauze@F1:1", "reference": "PO-000001"},
     "item.goods_received": {"po_id": "PO:gauze@F1:1", "quantity": 50},
+    # visit (keyed by visit number)
+    "visit.register": {"payer_id": "ACME", "patient_class": "O", "location": "MAIN"},
+    "visit.link": {"appointment_id": "A1"},
+    "visit.post_charges": {"lines": [{"line_id": "L9", "code": "27447", "amount": "100.00"}]},
 }
 
 
@@ -88,23 +175,31 @@ def test_command_payloads_round_trip(name: str, payload_type: type[Any], fmt: st
     assert module.decode(extended, type=payload_type) == value
 
 
+ENTITIES = {"supply": "F1", "erp": "F1", "item": "gauze@F1", "visit": "V1"}
+"""The entity each kind's samples are addressed to (appointment and billing: ``E1``)."""
+
+
 @pytest.mark.parametrize("kind", sorted(default_registry().kinds))
 def test_states_round_trip_through_the_store_encoding(kind: str) -> None:
     spec = default_registry().kinds[kind]
-    state = spec.initial("E1")
+    entity = ENTITIES.get(kind, "E1")
+    state = spec.initial(entity)
+    accepted = 0
     for name, payload_type in spec.commands.items():
         command = caresync.actors.Command(
             id=f"c-{name}",
             name=name,
-            entity="E1",
-            occurred_at=msgspec.json.decode(
-                b'"2026-11-24T00:00:00Z"', type=__import__("datetime").datetime
-            ),
+            entity=entity,
+            occurred_at=datetime(2026, 11, 24, tzinfo=UTC),
             payload=msgspec.convert(SAMPLES[f"{kind}.{name}"], payload_type),
+            refdata=REFDATA,
         )
         decision = spec.decide(state, command)
         if isinstance(decision, caresync.actors.Accepted):
+            accepted += 1
             state = spec.apply(state, decision.events)
+    assert accepted > 0
+    assert state != spec.initial(entity)
     raw = msgspec.msgpack.encode(state)
     assert msgspec.msgpack.decode(raw, type=spec.state_type) == state
 

@@ -1,0 +1,79 @@
+"""The sync ledger: per entity and per downstream system, what we want it to have and what it
+acknowledged.
+
+An owning actor (billing, supply, ERP) records every effect it sends downstream with
+:func:`sent`, and the connector's acknowledgement with :func:`acknowledged`.  ``wanted`` is the
+version we want the system to have (effects sent), ``acked`` the version it confirmed; the state
+is ``in_sync`` when nothing is waiting, ``pending`` while effects await their acknowledgement,
+and ``failed`` once an effect failed for good (until a later one succeeds).  ``parked`` is
+reported by the runtime, which knows when an entity is parked.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+SyncState = Literal["in_sync", "pending", "failed", "parked"]
+
+
+class DownstreamAck(msgspec.Struct, kw_only=True, frozen=True):
+    """A connector's final word on one effect (command ``<kind>.downstream_ack``)."""
+
+    effect_key: str
+    system: str
+    operation: str = ""
+    outcome: Literal["created", "duplicate", "failed"]
+    reference: str = ""
+    error: str = ""
+    attempts: int = 1
+
+
+class Ledger(msgspec.Struct, kw_only=True, frozen=True):
+    """Sync position of one entity (or one appointment's share of it) at one system."""
+
+    wanted: int = 0
+    acked: int = 0
+    pending: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    last_error: str = ""
+    references: dict[str, str] = msgspec.field(default_factory=dict)
+    """Effect key to the reference the system gave it (PO number, charge id...)."""
+
+    @property
+    def state(self) -> SyncState:
+        """``failed`` while any effect failed for good, else ``pending`` or ``in_sync``."""
+        if self.failed:
+            return "failed"
+        return "pending" if self.pending else "in_sync"
+
+
+def sent(ledger: Ledger, keys: tuple[str, ...]) -> Ledger:
+    """Effects sent: the wanted version moves on, they wait for their acknowledgement."""
+    new = tuple(k for k in keys if k not in ledger.pending)
+    if not new:
+        return ledger
+    return msgspec.structs.replace(
+        ledger, wanted=ledger.wanted + len(new), pending=(*ledger.pending, *new)
+    )
+
+
+def acknowledged(ledger: Ledger, ack: DownstreamAck) -> Ledger:
+    """Apply an acknowledgement; one for an effect not pending changes nothing."""
+    if ack.effect_key not in ledger.pending:
+        return ledger
+    pending = tuple(k for k in ledger.pending if k != ack.effect_key)
+    if ack.outcome == "failed":
+        return msgspec.structs.replace(
+            ledger,
+            pending=pending,
+            failed=(*ledger.failed, ack.effect_key),
+            last_error=ack.error,
+        )
+    references = (
+        {**ledger.references, ack.effect_key: ack.reference} if ack.reference else ledger.references
+    )
+    return msgspec.structs.replace(
+        ledger, pending=pending, acked=ledger.acked + 1, references=references
+    )

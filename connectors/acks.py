@@ -1,0 +1,75 @@
+"""The acknowledgement a connector sends back to the actor that owns an effect.
+
+One final acknowledgement per effect, a command ``<owner kind>.downstream_ack`` on
+``<prefix>.int.<owner kind>.<entity>`` (msgpack, like all internal fan-out) with id
+``ack:<effect key>``, which is also its ``Nats-Msg-Id``: if the effect is delivered again after
+a crash, the acknowledgement is the same command and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import msgspec
+
+from caresync.codecs import Envelope, Subjects, WireFormat, encode_envelope, make_envelope
+from caresync.codecs.envelope import MAX_ID_LENGTH
+from caresync.router.transport import Outbound
+
+ACK_COMMAND = "downstream_ack"
+_SOURCE_PREFIX = "caresync/"
+
+
+class DownstreamAck(msgspec.Struct, kw_only=True, frozen=True):
+    """Payload of ``<owner kind>.downstream_ack``: what became of one effect downstream.
+
+    Wire schema: unknown fields are ignored, new fields get defaults and go last.
+    """
+
+    effect_key: str
+    system: str
+    operation: str
+    outcome: str
+    """``created``, ``duplicate`` (the system had it already) or ``failed`` (given up)."""
+    reference: str = ""
+    """The system's reference for what it created; empty when it failed."""
+    error: str = ""
+    """Why it failed (the last error); empty on success."""
+    attempts: int = 0
+    """Calls made for this effect, over all its deliveries."""
+
+
+def owner_kind(effect: Envelope, system: str) -> str:
+    """The actor kind that owns an effect: ``source`` is ``caresync/<kind>`` (else the system)."""
+    if effect.source.startswith(_SOURCE_PREFIX) and effect.source[len(_SOURCE_PREFIX) :]:
+        return effect.source[len(_SOURCE_PREFIX) :]
+    return system
+
+
+def ack_id(effect_key: str) -> str:
+    """The id of the final acknowledgement of an effect (hashed only if it would be too long)."""
+    plain = f"ack:{effect_key}"
+    if len(plain) <= MAX_ID_LENGTH:
+        return plain
+    return "ack:sha256:" + hashlib.sha256(effect_key.encode()).hexdigest()
+
+
+def ack_message(subjects: Subjects, effect: Envelope, owner: str, ack: DownstreamAck) -> Outbound:
+    """The acknowledgement command for ``effect``, ready to publish with its Msg-Id."""
+    envelope = make_envelope(
+        id=ack_id(ack.effect_key),
+        kind=f"{owner}.{ACK_COMMAND}",
+        entity=effect.entity,
+        payload=ack,
+        occurred_at=datetime.now(UTC),
+        source=f"caresync/connector-{ack.system}",
+        correlation_id=effect.correlation,
+        causation_id=effect.id,
+        fmt=WireFormat.MSGPACK,
+    )
+    return Outbound(
+        key=envelope.id,
+        subject=subjects.internal(owner, effect.entity),
+        payload=encode_envelope(envelope, WireFormat.MSGPACK),
+    )
