@@ -1,9 +1,13 @@
 """caresync under the fan-out workload: the router as its own process, driven over NATS.
 
 The router runs as ``caresync up --nats URL`` in a separate process, so the driver and the
-router never share an event loop.  Progress is read from the router's ``<prefix>.ctl.health``
-control request; after the router has stopped, its SQLite store is read (read-only) to verify
-exactly-once and to time every fan-out command.
+router never share an event loop; its downstream connectors are switched off (no simulator
+runs: the bench ends where the effects are in the output stream).  Before anything is timed,
+the bench reference data is loaded with ``caresync refdata load`` and the router is waited for
+until it keeps that version and has applied its stock commands.  Progress is read from the
+router's ``<prefix>.ctl.health`` control request; after the router has stopped, its SQLite
+store is read (read-only) and the streams are read back to verify exactly-once against the
+pure model (:mod:`caresync.bench.expected`) and to time every fan-out command.
 """
 
 from __future__ import annotations
@@ -14,19 +18,22 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import msgspec
 import nats.errors
 import orjson
 from anyio.abc import Process
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 
-from caresync.bench.workload import BenchCommand, Workload
-from caresync.codecs import Subjects
+from caresync.bench.expected import Address, Outcome, Sent
+from caresync.bench.workload import Workload
+from caresync.codecs import Subjects, decode_envelope
+from caresync.config.schema import DownstreamConfig
 
 POLL_S = 0.02
 
@@ -60,14 +67,25 @@ def caresync_command() -> list[str]:
 
 
 def router_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """The router's environment: ours minus data dir, config file, NATS URL and log settings.
+    """The router's environment: ours minus data dir, config file, NATS URL and log settings,
+    with every downstream connector switched off.
 
     Other ``CARESYNC_<SECTION>__<KEY>`` variables are passed on, so that a setting can be
     benchmarked (``CARESYNC_ROUTER__BATCH_SIZE=1000 caresync bench``); the figures show them.
+    Connectors are off whatever the environment says: no simulator runs, and their
+    acknowledgements would be commands the workload does not account for.
     """
-    dropped = ("CARESYNC_DATA_DIR", "CARESYNC_CONFIG", "CARESYNC_NATS__", "CARESYNC_LOG__")
+    dropped = (
+        "CARESYNC_DATA_DIR",
+        "CARESYNC_CONFIG",
+        "CARESYNC_NATS__",
+        "CARESYNC_LOG__",
+        "CARESYNC_DOWNSTREAM__",
+    )
     env = {k: v for k, v in base.items() if not k.upper().startswith(dropped)}
     env["CARESYNC_LOG__LEVEL"] = "warning"
+    for system in msgspec.structs.fields(DownstreamConfig):
+        env[f"CARESYNC_DOWNSTREAM__{system.name.upper()}__ENABLED"] = "false"
     return env
 
 
@@ -110,10 +128,11 @@ async def health(nc: NatsClient, subjects: Subjects, timeout_s: float = 2.0) -> 
 
 def totals(record: Mapping[str, Any]) -> dict[str, int]:
     """Counters summed over partitions (accepted, duplicates, rejected...)."""
-    out: dict[str, int] = {}
+    names = ("received", "accepted", "duplicates", "rejected", "dead_lettered", "parked")
+    out = dict.fromkeys(names, 0)
     for part in record.get("partitions", []):
-        for name in ("received", "accepted", "duplicates", "rejected", "dead_lettered", "parked"):
-            out[name] = out.get(name, 0) + int(part.get(name, 0))
+        for name in names:
+            out[name] += int(part.get(name, 0))
     return out
 
 
@@ -155,13 +174,18 @@ async def wait_applied(
     deadline_s: float,
     what: str,
 ) -> dict[str, int]:
-    """Poll health every 20 ms until the router has accepted and deduped what it should."""
+    """Poll health every 20 ms until the router has accepted and deduped what it should.
+
+    Fails at once when anything is rejected, dead-lettered or parked: the workload has none.
+    """
     deadline = time.monotonic() + deadline_s
     reached: dict[str, int] = {}
     while True:
         record = await health(nc, subjects)
         if record:
             reached = totals(record)
+            if any(reached[k] for k in ("rejected", "dead_lettered", "parked")):
+                raise BenchError(f"{what}: the router refused commands; reached {reached}")
             if reached["accepted"] >= accepted and reached["duplicates"] >= duplicates:
                 return reached
         if process.returncode is not None:
@@ -181,9 +205,13 @@ async def throughput_phase(
     subjects: Subjects,
     process: Process,
     workload: Workload,
+    *,
+    accepted: int,
+    duplicates: int,
     deadline_s: float,
 ) -> dict[str, Any]:
-    """Publish every command; time from the first publish until everything is applied."""
+    """Publish every command; time from the first publish until the router's counters reach
+    ``accepted`` and ``duplicates`` (totals since it started)."""
     messages = [(c.subject, c.data) for c in workload.commands]
     publish_s = 0.0
 
@@ -198,8 +226,8 @@ async def throughput_phase(
             nc,
             subjects,
             process,
-            accepted=workload.expected_accepted,
-            duplicates=workload.duplicates,
+            accepted=accepted,
+            duplicates=duplicates,
             deadline_s=deadline_s,
             what="throughput phase",
         )
@@ -224,15 +252,79 @@ async def latency_phase(
     return published
 
 
+# -- reference data -----------------------------------------------------------------------------
+async def load_refdata(url: str, directory: Path, env: dict[str, str], log_path: Path) -> Any:
+    """``caresync refdata load DIR --nats URL --json``; its JSON report (version, stock_commands).
+
+    The same environment as the router's, so that the prefix and partitions agree.
+    """
+    with open_log(log_path) as log_file:
+        done = await anyio.run_process(
+            [
+                *caresync_command(),
+                *("refdata", "load", str(directory), "--json"),
+                *("--nats", url, "--data-dir", str(directory.parent / "refdata-cli")),
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=log_file,
+            cwd=directory.parent,
+            env=env,
+            check=False,
+        )
+    try:
+        report = orjson.loads(done.stdout)
+    except orjson.JSONDecodeError:
+        report = {}
+    if done.returncode != 0 or not report.get("ok"):
+        raise BenchError(
+            f"caresync refdata load exited with {done.returncode}: "
+            f"{done.stdout.decode(errors='replace')[-2000:]}\n{log_tail(log_path)}"
+        )
+    return report
+
+
+def refdata_version(db_path: Path) -> int:
+    """The highest reference-data version the router's store keeps (0 if none, or unreadable)."""
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return 0
+    try:
+        row = conn.execute("SELECT max(version) FROM refdata_versions").fetchone()
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+    return int(row[0] or 0)
+
+
+async def wait_refdata(
+    db_path: Path, process: Process, version: int, deadline_s: float = 60.0
+) -> None:
+    """Until the router's store keeps ``version`` (the router follows the refdata stream)."""
+    deadline = time.monotonic() + deadline_s
+    while refdata_version(db_path) < version:
+        if process.returncode is not None:
+            raise BenchError(f"router exited with {process.returncode} while loading refdata")
+        if time.monotonic() > deadline:
+            raise BenchError(f"router did not take reference-data version {version}")
+        await anyio.sleep(0.05)
+    # The catalog adds a version right after the store has kept it: let that happen.
+    await anyio.sleep(0.2)
+
+
 # -- verification from the store and the streams ------------------------------------------------
-def read_store(db_path: Path) -> tuple[dict[str, tuple[str, float]], dict[str, int]]:
-    """(command id -> (outcome, applied_at)) and outbox rows per status, read-only."""
+Applied = dict[Address, tuple[str, float]]
+
+
+def read_store(db_path: Path) -> tuple[Applied, dict[str, int]]:
+    """((kind, entity, command id) -> (outcome, applied_at)) and outbox rows per status."""
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         applied = {
-            cid: (outcome, at)
-            for cid, outcome, at in conn.execute(
-                "SELECT command_id, outcome, applied_at FROM applied"
+            (kind, entity, cid): (outcome, at)
+            for kind, entity, cid, outcome, at in conn.execute(
+                "SELECT kind, entity, command_id, outcome, applied_at FROM applied"
             )
         }
         outbox = dict(conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"))
@@ -241,29 +333,74 @@ def read_store(db_path: Path) -> tuple[dict[str, tuple[str, float]], dict[str, i
     return applied, outbox
 
 
-async def count_messages(js: JetStreamContext, stream: str, subject_filter: str) -> int:
-    """Messages of ``stream`` on ``subject_filter``, through a throw-away filtered consumer."""
-    info = await js.add_consumer(
-        stream,
-        config=api.ConsumerConfig(
-            filter_subject=subject_filter,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_policy=api.AckPolicy.NONE,
-            inactive_threshold=10.0,
-            mem_storage=True,
-        ),
+async def read_stream(
+    js: JetStreamContext, stream: str, subject_filter: str, batch: int = 1000
+) -> list[tuple[str, bytes]]:
+    """(Msg-Id, data) of every message of ``stream`` on ``subject_filter``, in stream order."""
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.NONE,
+        inactive_threshold=30.0,
+        mem_storage=True,
     )
-    await js.delete_consumer(stream, info.name)
-    return int(info.num_pending or 0)
+    sub = await js.pull_subscribe(subject_filter, stream=stream, config=config)
+    try:
+        info = await sub.consumer_info()
+        want = int(info.num_pending or 0)
+        out: list[tuple[str, bytes]] = []
+        while len(out) < want:
+            try:
+                msgs = await sub.fetch(min(batch, want - len(out)), timeout=5.0)
+            except nats.errors.TimeoutError:
+                raise BenchError(f"reading {stream}: got {len(out)} of {want} messages") from None
+            out.extend(((m.headers or {}).get("Nats-Msg-Id", ""), m.data) for m in msgs)
+    finally:
+        await sub.unsubscribe()
+        try:
+            await js.delete_consumer(stream, info.name)
+        except Exception:  # already gone (inactive threshold): nothing to clean up
+            pass
+    return out
 
 
-def check_applied(
-    applied: Mapping[str, tuple[str, float]], workloads: Sequence[Workload]
+def compare_sent(
+    expected: Mapping[str, Sent], expected_sent: int, messages: Sequence[tuple[str, bytes]]
 ) -> dict[str, int]:
-    """Missing, unexpected and not-accepted command ids against what the workloads expect."""
-    expected: set[str] = set()
-    for w in workloads:
-        expected |= w.expected_applied()
+    """Messages read back from a stream against the pure model's effects.
+
+    ``mismatched``: same Msg-Id, but another kind, entity, cause or payload.
+    """
+    ids = [msg_id for msg_id, _ in messages]
+    distinct = set(ids)
+    mismatched = 0
+    for msg_id, data in messages:
+        want = expected.get(msg_id)
+        if want is None:
+            continue
+        env, fmt = decode_envelope(data)
+        raw = env.payload_bytes
+        payload = (
+            {}
+            if not raw
+            else msgspec.json.decode(raw)
+            if fmt.value == "json"
+            else msgspec.msgpack.decode(raw)
+        )
+        got = (env.kind, env.entity, env.causation_id, payload)
+        if got != (want.kind, want.entity, want.causation_id, want.payload):
+            mismatched += 1
+    return {
+        "in_stream": len(ids),
+        "expected": expected_sent,
+        "distinct_msg_ids": len(distinct),
+        "missing": len(expected.keys() - distinct),
+        "unexpected": len(distinct - expected.keys()),
+        "mismatched": mismatched,
+    }
+
+
+def check_applied(applied: Applied, expected: set[Address]) -> dict[str, int]:
+    """Missing, unexpected and not-accepted rows of ``applied`` against the pure model."""
     return {
         "applied_rows": len(applied),
         "expected_rows": len(expected),
@@ -274,15 +411,15 @@ def check_applied(
 
 
 def latencies_ms(
-    applied: Mapping[str, tuple[str, float]],
-    commands: Sequence[BenchCommand],
-    published: Mapping[str, float],
+    applied: Applied, outcomes: Iterable[Outcome], published: Mapping[str, float]
 ) -> list[float]:
-    """Per command: the last of its fan-out commands applied, minus its publish time (sorted)."""
+    """Per command: the last of its internal commands (all hops) applied, minus its publish
+    time; the command's own applied_at if it fans out to nothing (sorted)."""
     out = []
-    for command in commands:
-        done = max(applied[eid][1] for eid in command.effect_ids())
-        out.append((done - published[command.command_id]) * 1000.0)
+    for outcome in outcomes:
+        addresses = [s.address for s in outcome.internal] or [outcome.address]
+        done = max(applied[a][1] for a in addresses)
+        out.append((done - published[outcome.command_id]) * 1000.0)
     return sorted(out)
 
 

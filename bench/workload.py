@@ -6,33 +6,42 @@ re-sent once more with the same command id (the router's own dedupe must absorb 
 send order is round-robin over the keys, shuffled in every round, so per-key order holds.
 
 The random draws are made in the peer's order, so one seed gives the peer's keys, facilities
-("locations"), procedures, kinds and duplicates.  Every accepted command fans out to
-``billing:<appt>``, ``supply:<facility>:<item>`` per item of its procedure and
-``erp:<facility>``: ``items_per_procedure + 2`` internal commands.
+("locations"), procedures, kinds, dates and duplicates.  On the wire (``codecs/scheduling.py``):
+
+- ``book``: ``appointment.book`` of the key's procedure at its facility, on the drawn date,
+  for the bench payer (see :mod:`caresync.bench.refdata`);
+- ``reschedule``: ``appointment.reschedule`` to the drawn date (same facility);
+- ``complete``: ``appointment.post_charges`` with one charge line for the procedure;
+- ``cancel``: ``appointment.cancel``.
+
+What each command fans out to is not fixed here: the appointment sends billing, supply and ERP
+only what changed.  :mod:`caresync.bench.expected` runs the pure actors over the workload to
+know it.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from caresync.bench.refdata import FACILITIES, PAYER, PROCEDURES
 from caresync.codecs import Subjects, encode_envelope, make_envelope
 
-PROCEDURES = tuple(f"proc{p}" for p in range(10))
-FACILITIES = 20
 DUP_RATE = 0.05
 SEED = 7
 _BASE_TIME = datetime(2027, 1, 1, tzinfo=UTC)
 
-# The supply operation each appointment change asks for (see caresync.actors.appointment).
-SUPPLY_OP = {"book": "reserve", "reschedule": "hold", "cancel": "release", "complete": "consume"}
-
-
-def procedure_items(procedure: str, items_per_procedure: int) -> tuple[str, ...]:
-    """The items a procedure consumes: ``items_per_procedure`` of its own."""
-    p = PROCEDURES.index(procedure)
-    return tuple(f"item{p * items_per_procedure + j}" for j in range(items_per_procedure))
+COMMAND = {
+    "book": "book",
+    "reschedule": "reschedule",
+    "cancel": "cancel",
+    "complete": "post_charges",
+}
+"""The peer's event kind -> the appointment command that carries it."""
+KINDS = tuple(COMMAND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,26 +51,17 @@ class BenchCommand:
     key: str
     command_id: str
     name: str
+    """The peer's kind: book, reschedule, cancel or complete."""
     facility: str
-    items: tuple[str, ...]
+    procedure: str
     duplicate: bool
     subject: str
     data: bytes
 
-    def effect_ids(self) -> list[str]:
-        """Ids of the internal commands this command fans out to when accepted."""
-        op = SUPPLY_OP[self.name]
-        cid, fac = self.command_id, self.facility
-        return [
-            f"{cid}:billing",
-            *(f"{cid}:supply:{fac}:{item}:{op}" for item in self.items),
-            f"{cid}:erp:{fac}",
-        ]
-
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """The commands in send order, and what the router must do with them."""
+    """The commands in send order."""
 
     commands: list[BenchCommand]
     keys: int
@@ -81,45 +81,31 @@ class Workload:
         """Re-sends of an already sent command id."""
         return self.n - self.unique
 
-    @property
-    def fanout(self) -> int:
-        """Internal commands per accepted command."""
-        return self.items_per_procedure + 2
-
-    @property
-    def expected_internal(self) -> int:
-        """Internal (fan-out) commands the router must send: one per effect id."""
-        return self.unique * self.fanout
-
-    @property
-    def expected_accepted(self) -> int:
-        """Commands the router must accept: the unique inputs and every fan-out command."""
-        return self.unique * (1 + self.fanout)
-
-    @property
-    def completes(self) -> int:
-        """Unique ``complete`` commands: each makes billing send one downstream charge."""
-        return sum(1 for c in self.commands if c.name == "complete" and not c.duplicate)
-
     def unique_commands(self) -> list[BenchCommand]:
         """Every command once, without the re-sends."""
         return [c for c in self.commands if not c.duplicate]
 
-    def expected_applied(self) -> set[str]:
-        """Every command id the store must record: inputs and their fan-out commands."""
-        out: set[str] = set()
-        for c in self.unique_commands():
-            out.add(c.command_id)
-            out.update(c.effect_ids())
-        return out
+    def kinds(self) -> dict[str, int]:
+        """Unique commands per kind."""
+        counts = Counter(c.name for c in self.unique_commands())
+        return {k: counts[k] for k in KINDS if counts[k]}
 
 
-def _payload(name: str, procedure: str, facility: str, date: str, items: tuple[str, ...]) -> object:
+def _payload(name: str, key: str, procedure: str, facility: str, start: str) -> Any:
     if name == "book":
-        return {"procedure": procedure, "facility": facility, "date": date, "items": list(items)}
+        return {
+            "procedures": [{"code": procedure}],
+            "facility_id": facility,
+            "start": start,
+            "duration_min": 60,
+            "patient_id": f"pat-{key}",
+            "payer_id": PAYER,
+        }
     if name == "reschedule":
-        return {"date": date}
-    return None
+        return {"start": start}
+    if name == "complete":
+        return {"lines": [{"line_id": f"{key}-l1", "code": procedure, "amount": "100.00"}]}
+    return {"reason": "bench"}
 
 
 def build_workload(
@@ -132,7 +118,11 @@ def build_workload(
     prefix: str = "",
     subjects: Subjects | None = None,
 ) -> Workload:
-    """N messages over M appointment keys (``<prefix>appt-<i>``), payload bytes included."""
+    """N messages over M appointment keys (``<prefix>appt-<i>``), payload bytes included.
+
+    ``items_per_procedure`` is not drawn from: it only says which reference data the
+    workload is meant for (see :mod:`caresync.bench.refdata`).
+    """
     if n < 1 or m < 1 or items_per_procedure < 0:
         raise ValueError("n and m must be positive and items_per_procedure not negative")
     subjects = subjects or Subjects()
@@ -144,9 +134,8 @@ def build_workload(
         if count == 0:
             continue
         key = f"{prefix}appt-{i}"
-        facility = f"fac{rng.randrange(FACILITIES)}"
+        facility = FACILITIES[rng.randrange(len(FACILITIES))]
         procedure = rng.choice(PROCEDURES)
-        items = procedure_items(procedure, items_per_procedure)
         subject = subjects.command("appointment", key)
         seq: list[BenchCommand] = []
         j = 0
@@ -160,21 +149,28 @@ def build_workload(
             date = f"2027-{1 + rng.randrange(12):02d}-{1 + rng.randrange(28):02d}"
             envelope = make_envelope(
                 id=f"{key}-e{j}",
-                kind=f"appointment.{name}",
+                kind=f"appointment.{COMMAND[name]}",
                 entity=key,
-                payload=_payload(name, procedure, facility, date, items),
+                payload=_payload(name, key, procedure, facility, f"{date}T08:00:00+00:00"),
                 occurred_at=_BASE_TIME + timedelta(seconds=j),
                 source="caresync-bench",
             )
             command = BenchCommand(
-                key, envelope.id, name, facility, items, False, subject, encode_envelope(envelope)
+                key, envelope.id, name, facility, procedure, False, subject, encode_envelope(envelope)
             )
             seq.append(command)
             j += 1
             if len(seq) < count and j > 1 and rng.random() < dup_rate:
                 seq.append(
                     BenchCommand(
-                        key, command.command_id, name, facility, items, True, subject, command.data
+                        key,
+                        command.command_id,
+                        name,
+                        facility,
+                        procedure,
+                        True,
+                        subject,
+                        command.data,
                     )
                 )
         per_key.append(seq)

@@ -66,11 +66,57 @@ async def run_status(
         await nc.close()
     if "error" in reply:
         raise CommandError(reply["error"])
-    if as_json or kind:
+    if kind and not reply.get("found", False):
+        if as_json:
+            print_json(reply)
+        else:
+            print(f"no {kind} {entity!r} is known to the router")
+        return 1
+    view = reply.get("view") if kind else None
+    if as_json:
+        print_json(
+            {**view, "parked": reply["parked"], "parked_messages": reply["parked_messages"]}
+            if view is not None
+            else reply
+        )
+    elif view is not None and kind == "appointment":
+        _print_appointment(view)
+    elif view is not None:
+        _print_item(view)
+    elif kind:
         print_json(reply)
     else:
         _print_summary(reply)
-    return 0 if reply.get("found", True) else 1
+    return 0
+
+
+def _print_appointment(v: dict[str, Any]) -> None:
+    print(
+        f"appointment {v['id']}: {v['status']}, {', '.join(v['procedures'])} at "
+        f"{v['facility']} {v['room']} {v['start']}"
+    )
+    if v["missing_preference_cards"]:
+        print(f"  no preference card for: {', '.join(v['missing_preference_cards'])}")
+    b = v["billing"]
+    print(
+        f"  billing: {b['readiness'] or '-'}, {len(b['charges'])} charge line(s), "
+        f"total {b['total']}{', claim ' + b['claim_status'] if b['claim_status'] else ''}"
+    )
+    reserved = ", ".join(f"{r['item_id']} x{r['quantity']}" for r in v["supply"]["reservations"])
+    print(f"  supply: reserved {reserved or 'nothing'}")
+    print(f"  erp: {len(v['erp']['demand'])} demand line(s)")
+    for system, sync in v["sync"].items():
+        error = f" ({sync['last_error']})" if sync["last_error"] else ""
+        print(f"  sync {system}: {sync['state']}{error}")
+
+
+def _print_item(v: dict[str, Any]) -> None:
+    print(
+        f"item {v['item_id']} at {v['facility_id']}: on hand {v['on_hand']}, reserved "
+        f"{v['reserved']}, on order {v['on_order']}, available {v['available']} "
+        f"(reorder point {v['reorder_point']}); purchase orders: "
+        f"{', '.join(v['purchase_orders']) or 'none'}"
+    )
 
 
 def _print_summary(reply: dict[str, Any]) -> None:

@@ -18,9 +18,11 @@ from caresync.cli.datadir import (
     write_server_record,
 )
 from caresync.codecs import Subjects
+from caresync.config import Config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.logs import configure_logging
 from caresync.router.service import RouterService, subjects_for
+from caresync.sim import SimServer, SimSettings
 
 
 def mappings_config(subjects: Subjects) -> str:
@@ -43,6 +45,19 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+
+def wants_simulators(cfg: Config) -> bool:
+    """Simulate billing, ERP and supply unless a connector points at a real endpoint.
+
+    Real endpoints are an HTTP connector, or a NATS connector with another subject prefix
+    than the simulators' (``sim``).
+    """
+    connectors = (cfg.downstream.billing, cfg.downstream.erp, cfg.downstream.supply)
+    enabled = [c for c in connectors if c.enabled]
+    return bool(enabled) and all(
+        c.transport == "nats" and c.subject_prefix == "sim" for c in enabled
+    )
 
 
 async def run_up(ctx: Context, nats_url: str | None) -> int:
@@ -69,12 +84,27 @@ async def run_up(ctx: Context, nats_url: str | None) -> int:
             service = RouterService(cfg, nats_url=url, data_dir=ctx.data_dir)
             async with anyio.create_task_group() as tg:
                 signals = anyio.CancelScope()
+                simulators = anyio.CancelScope()
                 tg.start_soon(_stop_on_signal, service, signals)
+                if wants_simulators(cfg):
+                    sim = SimServer(
+                        url,
+                        ctx.data_dir / "sim.db",
+                        SimSettings(router_prefix=cfg.streams.subject_prefix),
+                    )
+
+                    async def simulate(*, task_status: TaskStatus[None]) -> None:
+                        with simulators:
+                            await sim.run(task_status=task_status)
+
+                    await tg.start(simulate)
 
                 async def serve(*, task_status: TaskStatus[None]) -> None:
                     try:
                         await service.run(task_status=task_status)
                     finally:
+                        # The simulators go after the router: its last effects still land.
+                        simulators.cancel()
                         signals.cancel()
 
                 await tg.start(serve)

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
 from caresync.router.runtime import Router
+from caresync.router.views import appointment_view, item_view
 from caresync.store import Store
 
 log = structlog.get_logger("caresync.control")
@@ -90,7 +91,13 @@ class ControlResponder:
             return {"found": False, "kind": kind, "id": entity}
         state = self._state_decoders[kind].decode(stored.state)
         parked = await self._store.parked(kind, entity)
+        view: dict[str, Any] | None = None
+        if kind == "appointment":
+            view = await appointment_view(self._store, entity)
+        elif kind == "item":
+            view = await item_view(self._store, entity)
         return {
+            "view": view,
             "found": True,
             "kind": kind,
             "id": entity,

@@ -1,13 +1,15 @@
 """What each simulated system offers: operations, the data they require, their references.
 
 Schemas name only the fields a system needs; requests may carry more, and everything is
-stored (wire schemas never forbid unknown fields).  Numbers are accepted as integers or
-floats; a quantity may be negative where the contract says so (a release, a reversal).
+stored (wire schemas never forbid unknown fields).  Quantities are numbers; money is a decimal,
+given as a string (exact, as caresync sends it) or a number.  A quantity may be negative where
+the contract says so (a release, a reversal).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated
 
 import msgspec
@@ -27,7 +29,7 @@ class _Charge(msgspec.Struct):
     line_id: Id
     code: Id
     quantity: float
-    amount: float
+    amount: Decimal
 
 
 class _Credit(msgspec.Struct):
@@ -58,7 +60,7 @@ class _PurchaseOrder(msgspec.Struct):
 class _Posting(msgspec.Struct):
     facility_id: Id
     cost_center: Id
-    amount: float
+    amount: Decimal
 
 
 class _StockMove(msgspec.Struct):

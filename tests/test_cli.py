@@ -101,29 +101,32 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
         assert json.loads(again.stdout)["verdict"] == "duplicate"
 
         def booked() -> bool:
-            status = run("status", "--data-dir", str(data), "appointment", "HOSP:A 1.5")
-            return (
-                status.returncode == 0 and json.loads(status.stdout)["state"]["status"] == "booked"
-            )
+            status = run("status", "--data-dir", str(data), "appointment", "HOSP:A 1.5", "--json")
+            return status.returncode == 0 and json.loads(status.stdout)["status"] == "booked"
 
         def knee_kit_reserved() -> bool:
-            status = run("status", "--data-dir", str(data), "item", "KNEE-KIT@MAIN-OR")
-            return status.returncode == 0 and json.loads(status.stdout)["state"][
-                "reservations"
-            ] == {"HOSP:A 1.5": 1}
+            status = run("status", "--data-dir", str(data), "item", "KNEE-KIT@MAIN-OR", "--json")
+            reserved = json.loads(status.stdout)["reservations"] if status.returncode == 0 else {}
+            return bool(reserved == {"HOSP:A 1.5": 1})
 
         wait_until(booked)
         wait_until(knee_kit_reserved)
-        state = json.loads(
-            run("status", "--data-dir", str(data), "appointment", "HOSP:A 1.5").stdout
-        )
-        assert state["state"]["plan"]["readiness"] == "pending_authorization"
+        shown = run("status", "--data-dir", str(data), "appointment", "HOSP:A 1.5", "--json")
+        view = json.loads(shown.stdout)
+        assert view["billing"]["readiness"] == "pending_authorization"
+        assert view["start"] == "2027-03-01T13:00:00+00:00"
+        assert {"item_id": "KNEE-KIT", "facility_id": "MAIN-OR", "quantity": 1} in view["supply"][
+            "reservations"
+        ]
+        assert set(view["sync"]) == {"billing", "supply", "erp"}
+        text = run("status", "--data-dir", str(data), "appointment", "HOSP:A 1.5")
+        assert "appointment HOSP:A 1.5: booked, 27447 at MAIN-OR" in text.stdout
         summary = run("status", "--data-dir", str(data))
         live_entities = int(summary.stdout.split("store: ")[1].split(" entities")[0])
         assert "router: ready" in summary.stdout
         missing = run("status", "--data-dir", str(data), "appointment", "nope")
         assert missing.returncode == 1
-        assert json.loads(missing.stdout)["found"] is False
+        assert "no appointment 'nope' is known" in missing.stdout
 
         started = time.monotonic()
         up.send_signal(signal.SIGTERM)
