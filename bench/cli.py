@@ -1,8 +1,13 @@
 """``caresync bench fanout``: one fresh embedded deployment, caresync and the raw loop, figures.
 
-Also runnable as ``python -m caresync.bench.cli`` (from outside the repository) for the options
-the ``caresync bench`` front end does not expose yet (``--items``, ``--latency-n``, ``--seed``,
-``--keep``).
+Before anything is timed, the bench reference data (:mod:`caresync.bench.refdata`) is written
+as CSV files and loaded with ``caresync refdata load``; the router is waited for until it keeps
+that version and has applied its stock commands.  The pure actors then run the same messages
+in-process (:mod:`caresync.bench.expected`): that gives the counters the phases wait for, the
+fan-out per command kind, the moves the raw loop must make, and everything exactly-once is
+checked against.
+
+Also runnable as ``python -m caresync.bench.cli`` (from outside the repository).
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from nats.js import JetStreamContext
 
 from caresync.bench import fanout as fo
 from caresync.bench import report
+from caresync.bench.expected import PureRouter, combine, fanout_by_kind, run_pure
 from caresync.bench.raw_loop import run_raw
+from caresync.bench.refdata import read_back, write_csv
 from caresync.bench.report import IN_FLIGHT
 from caresync.bench.workload import SEED, Workload, build_workload
+from caresync.cli.refdata import stock_commands
 from caresync.cli.up import mappings_config
 from caresync.codecs import Subjects
 from caresync.config import Config, load_config
@@ -114,7 +122,6 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
         prefix="lat-",
         subjects=subjects,
     )
-    deadline_s = 60.0 + opts.n * (1 + workload.fanout) / 200
     info = report.machine()
     tmp = Path(tempfile.mkdtemp(prefix="caresync-bench-", dir=opts.base_dir))
     ok = False
@@ -123,19 +130,23 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
             nc = await nats.connect(server.url, name="caresync-bench", pending_size=64 << 20)
             try:
                 js = nc.jetstream(publish_async_max_pending=IN_FLIGHT)
-                _say(f"caresync: {workload.n} commands, fan-out {workload.fanout}, in {tmp}")
-                cs = await _caresync(nc, js, server, tmp, env, cfg, workload, latency, deadline_s)
-                _say(f"caresync {workload.n / cs['elapsed_s']:.0f} commands/s; raw loop next")
+                cs = await _caresync(nc, js, server, tmp, env, cfg, opts, workload, latency)
+                moves = cs["model"].internal_sent
+                _say(
+                    f"caresync {workload.n / cs['elapsed_s']:.0f} commands/s; raw loop next "
+                    f"({moves} moves, {moves / workload.n:.3f} per command)"
+                )
                 raw = await run_raw(
                     server.url,
                     js,
                     workload,
+                    moves=moves,
                     workdir=tmp,
                     server_pid=server.pid,
                     batch=cfg.router.batch_size,
                     batches_in_flight=cfg.router.batches_in_flight,
                     expires_s=cfg.router.pull_expires_ms / 1000,
-                    deadline_s=deadline_s,
+                    deadline_s=cs["deadline_s"],
                 )
             finally:
                 await nc.close()
@@ -155,17 +166,63 @@ async def _caresync(
     tmp: Path,
     env: dict[str, str],
     cfg: Config,
+    opts: Options,
     workload: Workload,
     latency: Workload,
-    deadline_s: float,
 ) -> dict[str, Any]:
     subjects = subjects_for(cfg)
     router_dir = tmp / "router"
+    db_path = store_path(cfg, router_dir)
     process = await fo.start_router(server.url, router_dir, env)
     try:
         await fo.wait_ready(nc, subjects, process, Path(f"{router_dir}.log"))
+        # -- reference data: loaded, kept by the router, stock applied; not timed
+        refdata_dir = tmp / "refdata"
+        stock_rows = write_csv(refdata_dir, opts.items)
+        loaded = await fo.load_refdata(server.url, refdata_dir, env, tmp / "refdata.log")
+        version, stock_sent = int(loaded["version"]), int(loaded["stock_commands"])
+        await fo.wait_refdata(db_path, process, version)
+        await fo.wait_applied(
+            nc,
+            subjects,
+            process,
+            accepted=stock_sent,
+            duplicates=0,
+            deadline_s=60.0,
+            what="stock commands",
+        )
+        # -- what the router must do: the pure model on the same data and messages
+        pure = PureRouter(subjects, read_back(refdata_dir, version))
+        stock = run_pure(
+            pure,
+            [
+                (o.subject, o.payload)
+                for o in stock_commands(subjects, pure.refdata.dataset, version)
+            ],
+        )
+        tp_model = run_pure(pure, [(c.subject, c.data) for c in workload.commands])
+        lat_model = run_pure(pure, [(c.subject, c.data) for c in latency.commands])
+        model = combine([stock, tp_model, lat_model])
+        deadline_s = 60.0 + (workload.n + tp_model.internal_sent) / 100
+        _say(
+            f"caresync: {workload.n} commands ({workload.unique} unique), "
+            f"{tp_model.internal_sent} internal commands "
+            f"({tp_model.internal_sent / workload.n:.3f} per command), "
+            f"{tp_model.downstream_sent} downstream effects; refdata version {version}, "
+            f"{stock_sent} stock commands; in {tmp}"
+        )
+        # -- timed
         meter = report.CpuMeter({"router": process.pid, "nats-server": server.pid})
-        tp = await fo.throughput_phase(nc, js, subjects, process, workload, deadline_s)
+        tp = await fo.throughput_phase(
+            nc,
+            js,
+            subjects,
+            process,
+            workload,
+            accepted=stock.accepted + tp_model.accepted,
+            duplicates=tp_model.duplicates,
+            deadline_s=deadline_s,
+        )
         tp["cpu"] = meter.cores()
         rate = 0.5 * workload.n / tp["elapsed_s"]
         published = await fo.latency_phase(js, latency, rate)
@@ -173,8 +230,8 @@ async def _caresync(
             nc,
             subjects,
             process,
-            accepted=workload.expected_accepted + latency.expected_accepted,
-            duplicates=workload.duplicates,
+            accepted=model.accepted,
+            duplicates=model.duplicates,
             deadline_s=deadline_s,
             what="latency phase",
         )
@@ -182,36 +239,52 @@ async def _caresync(
     finally:
         with anyio.CancelScope(shield=True):
             status = await fo.stop_router(process)
-    applied, outbox = fo.read_store(store_path(cfg, router_dir))
-    internal = sum(
-        [
-            await fo.count_messages(js, subjects.input_stream(p), _internal(subjects, p))
-            for p in range(subjects.partitions)
-        ]
+    # -- exactly once: the store and the streams against the pure model
+    applied, outbox = fo.read_store(db_path)
+    internal: list[tuple[str, bytes]] = []
+    for p in range(subjects.partitions):
+        internal += await fo.read_stream(js, subjects.input_stream(p), _internal(subjects, p))
+    downstream = await fo.read_stream(js, subjects.output_stream, f"{subjects.prefix}.out.>")
+    lat = fo.latencies_ms(
+        applied, [model.outcomes[c.command_id] for c in latency.commands], published
     )
-    charges = await fo.count_messages(
-        js, subjects.output_stream, f"{subjects.prefix}.out.billing.>"
-    )
-    lat = fo.latencies_ms(applied, latency.commands, published)
     checks = {
-        **fo.check_applied(applied, [workload, latency]),
-        "internal_in_stream": internal,
-        "internal_expected": workload.expected_internal + latency.expected_internal,
-        "charges_in_stream": charges,
-        "charges_expected": workload.completes + latency.completes,
+        **fo.check_applied(applied, model.applied),
+        **_prefixed("internal", fo.compare_sent(model.internal, model.internal_sent, internal)),
+        **_prefixed(
+            "downstream", fo.compare_sent(model.downstream, model.downstream_sent, downstream)
+        ),
         "outbox_sent": outbox.get("sent", 0),
+        "outbox_expected": model.internal_sent + model.downstream_sent,
         "outbox_not_sent": sum(v for k, v in outbox.items() if k != "sent"),
-        "duplicates_sent": workload.duplicates,
+        "duplicates_sent": workload.duplicates + latency.duplicates,
         "duplicates_skipped": reached.get("duplicates", 0),
         "accepted": reached.get("accepted", 0),
-        "accepted_expected": workload.expected_accepted + latency.expected_accepted,
+        "accepted_expected": model.accepted,
+        "rejected_expected": model.rejected,
         "rejected_dead_parked": sum(
             reached.get(k, 0) for k in ("rejected", "dead_lettered", "parked")
         ),
+        "stock_commands": stock_sent,
+        "stock_expected": stock_rows,
+        "refdata_version": version,
         "pubacks_duplicate": int(publisher.get("duplicates", 0)),
         "router_exit": status,
     }
-    return {**tp, "latency_ms": lat, "latency_rate": rate, "checks": checks}
+    kind_of = {c.command_id: c.name for c in workload.unique_commands()}
+    return {
+        **tp,
+        "latency_ms": lat,
+        "latency_rate": rate,
+        "checks": checks,
+        "model": tp_model,
+        "fanout_by_kind": fanout_by_kind(tp_model.outcomes, kind_of),
+        "deadline_s": deadline_s,
+    }
+
+
+def _prefixed(prefix: str, counts: dict[str, int]) -> dict[str, int]:
+    return {f"{prefix}_{k}": v for k, v in counts.items()}
 
 
 def _internal(subjects: Subjects, partition: int) -> str:
@@ -226,7 +299,9 @@ def main() -> None:
     parser.add_argument("workload", nargs="?", default="fanout", choices=["fanout"])
     parser.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
     parser.add_argument("--m", type=int, default=2_000, help="appointment keys (default 2000)")
-    parser.add_argument("--items", type=int, default=1, help="items per procedure (3: fan-out 5)")
+    parser.add_argument(
+        "--items", type=int, default=1, help="items on each procedure's preference card"
+    )
     parser.add_argument("--latency-n", type=int, default=0, help="latency commands")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--quick", action="store_true", help="N=2000, M=200")

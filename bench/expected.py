@@ -72,7 +72,7 @@ class PureRouter:
 
     def __init__(self, subjects: Subjects, refdata: RefData) -> None:
         self._subjects = subjects
-        self._refdata = refdata
+        self.refdata = refdata
         self._registry = default_registry()
         self._json = {
             (k.name, name): msgspec.json.Decoder(t)
@@ -109,7 +109,7 @@ class PureRouter:
             correlation_id=env.correlation,
             causation_id=env.causation_id,
             source=env.source,
-            refdata=self._refdata,
+            refdata=self.refdata,
         )
         outcome = Outcome(address.kind, env.entity, env.id)
         if (address.kind, env.entity, env.id) in self.applied:
@@ -152,7 +152,7 @@ class PureRouter:
             correlation_id=cause.correlation_id or cause.id,
             causation_id=cause.id,
             source=f"caresync/{kind}",
-            refdata=self._refdata,
+            refdata=self.refdata,
         )
 
 
@@ -208,6 +208,22 @@ class Expected:
         self.internal.update((s.key, s) for s in outcome.internal)
         self.downstream_sent += len(outcome.downstream)
         self.downstream.update((s.key, s) for s in outcome.downstream)
+
+
+def combine(parts: Iterable[Expected]) -> Expected:
+    """The expectations of several runs through one model, together."""
+    out = Expected()
+    for part in parts:
+        out.outcomes.update(part.outcomes)
+        out.applied |= part.applied
+        out.internal.update(part.internal)
+        out.internal_sent += part.internal_sent
+        out.downstream.update(part.downstream)
+        out.downstream_sent += part.downstream_sent
+        out.accepted += part.accepted
+        out.rejected += part.rejected
+        out.duplicates += part.duplicates
+    return out
 
 
 def run_pure(

@@ -2,12 +2,19 @@
 
 In its own process (``python -m caresync.bench.raw_loop --nats URL``): one task consumes
 RAW_IN with the router's continuous pull consumer (durable, AckPolicy.ALL) and, per batch,
-publishes ``fanout`` messages per input to RAW_FX with ``publish_async`` and a Msg-Id, awaits
-the PubAcks, and acks the batch through its last message; another task consumes RAW_FX the same
-way and acks.  No decoding, no store, no actor logic, no dedupe.
+publishes messages to RAW_FX with ``publish_async`` and a Msg-Id, awaits the PubAcks, and acks
+the batch through its last message; another task consumes RAW_FX the same way and acks.  No
+decoding, no store, no actor logic, no dedupe.
+
+Message moves: caresync's fan-out is not the same for every command (a booking reaches
+billing, supply, ERP and the items of its card; a reschedule only ERP), so the raw loop is
+given the total, ``--moves`` internal messages over ``--inputs`` inputs, and spreads it evenly
+by stream sequence: input ``s`` (1-based) fans out to ``floor(s * moves / inputs) - floor((s-1)
+* moves / inputs)`` messages.  The total is exactly the internal commands caresync sends for
+the same workload, one hop instead of several.
 
 The driver side (:func:`run_raw`) creates the streams, starts the process, publishes the same N
-input messages and polls the RAW_FX consumer's ack floor until N * fanout are consumed.
+input messages and polls the RAW_FX consumer's ack floor until ``moves`` are consumed.
 """
 
 from __future__ import annotations
@@ -54,10 +61,20 @@ async def create_streams(js: JetStreamContext) -> None:
         )
 
 
-def raw_messages(workload: Workload, subject_prefix: str = "cs") -> list[tuple[str, bytes]]:
+def raw_messages(workload: Workload) -> list[tuple[str, bytes]]:
     """The workload's messages (same bytes, same order) on ``raw.in.<kind>.<id>``."""
-    cut = len(subject_prefix) + len(".in.")
-    return [(IN_PREFIX + c.subject[cut:], c.data) for c in workload.commands]
+    out = []
+    for c in workload.commands:
+        _, _, rest = c.subject.partition(".in.")
+        out.append((IN_PREFIX + rest, c.data))
+    return out
+
+
+def moves_of(seq: int, moves: int, inputs: int) -> int:
+    """Messages the input at stream sequence ``seq`` (1-based) fans out to."""
+    if seq > inputs:
+        return 0
+    return seq * moves // inputs - (seq - 1) * moves // inputs
 
 
 async def run_raw(
@@ -65,6 +82,7 @@ async def run_raw(
     js: JetStreamContext,
     workload: Workload,
     *,
+    moves: int,
     workdir: Path,
     server_pid: int,
     batch: int,
@@ -72,10 +90,10 @@ async def run_raw(
     expires_s: float,
     deadline_s: float,
 ) -> dict[str, Any]:
-    """Run the raw loop process over the workload's messages; time and counts."""
+    """Run the raw loop process over the workload's messages (``moves`` effects in all)."""
     await create_streams(js)
     messages = raw_messages(workload)
-    target = workload.n * workload.fanout
+    target = moves
     log_path = workdir / "raw_loop.log"
     with open_log(log_path) as log_file:
         process = await anyio.open_process(
@@ -84,7 +102,8 @@ async def run_raw(
                 "-m",
                 "caresync.bench.raw_loop",
                 *("--nats", url),
-                *("--fanout", str(workload.fanout), "--batch", str(batch)),
+                *("--moves", str(moves), "--inputs", str(len(messages))),
+                *("--batch", str(batch)),
                 *("--batches-in-flight", str(batches_in_flight), "--expires", str(expires_s)),
             ],
             stdin=subprocess.DEVNULL,
@@ -186,7 +205,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
     nc = await connect(args.nats, name="caresync-raw-loop", connect_timeout_s=5.0)
     js = nc.jetstream(publish_async_max_pending=100_000)
     stats = {"consumed_in": 0, "published_fx": 0, "consumed_fx": 0}
-    fanout = args.fanout
+    moves, inputs = args.moves, args.inputs
     inputs = await _consumer(nc, RAW_IN, IN_CONSUMER, args)
     effects = await _consumer(nc, RAW_FX, FX_CONSUMER, args)
 
@@ -198,7 +217,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
             futures = []
             for m in batch:
                 base = FX_PREFIX + m.subject[len(IN_PREFIX) :]
-                for k in range(fanout):
+                for k in range(moves_of(m.seq, moves, inputs)):
                     futures.append(
                         await js.publish_async(
                             f"{base}.{k}", m.data, headers={"Nats-Msg-Id": f"{m.seq}:{k}"}
@@ -239,7 +258,8 @@ def main() -> None:
     """Entry point of the raw loop process; prints ``ready``, then its counters as JSON."""
     parser = argparse.ArgumentParser(prog="caresync.bench.raw_loop")
     parser.add_argument("--nats", required=True)
-    parser.add_argument("--fanout", type=int, required=True)
+    parser.add_argument("--moves", type=int, required=True, help="effect messages in all")
+    parser.add_argument("--inputs", type=int, required=True, help="input messages in all")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--batches-in-flight", type=int, default=2)
     parser.add_argument("--expires", type=float, default=1.0)

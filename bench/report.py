@@ -23,10 +23,12 @@ DURABILITY = (
     "SQLite WAL synchronous=NORMAL committed per batch before ack"
 )
 LATENCY_DEFINITION = (
-    "publish -> all fan-out targets applied (the applied_at of the last of its fan-out "
-    "commands, stamped when the router starts applying that batch), paced at 50% of the "
-    "measured caresync throughput"
+    "publish -> all internal fan-out commands of that command applied, every hop (the "
+    "applied_at of the last of them, or of the command itself if it fans out to nothing, "
+    "stamped when the router starts applying that batch), paced at 50% of the measured "
+    "caresync throughput"
 )
+DOWNSTREAM = "connectors off (no simulator): downstream effects end in the output stream, not timed"
 IN_FLIGHT = 5000
 """Publishes the driver keeps in flight (awaiting their PubAcks)."""
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -135,7 +137,10 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("workload", c["workload"]),
         ("commands N / keys M", f"{_fmt(c['n'])} / {_fmt(c['m'])}"),
         ("unique / duplicates", f"{_fmt(c['unique'])} / {_fmt(c['duplicates'])} re-sends"),
-        ("fan-out per command", f"{c['fanout']} (billing, {c['items']} supply, erp)"),
+        ("items per preference card", str(c["items"])),
+        ("fan-out per command", fanout_text(c)),
+        *((f"  {kind}", _kind_text(row)) for kind, row in c["fanout_by_kind"].items()),
+        ("downstream", c["downstream"]),
         ("router settings", _fmt(c["router"])),
         ("durability", c["durability"]),
         ("processes", c["processes"]),
@@ -155,6 +160,24 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("exactly_once", _fmt(f["exactly_once"])),
         ("  checks", _fmt(result["checks"])),
     ]
+
+
+def fanout_text(c: Mapping[str, Any]) -> str:
+    """The average fan-out the run had, as moved by caresync and by the raw loop."""
+    return (
+        f"{c['fanout']:.3f} internal commands per published command "
+        f"({_fmt(c['internal_commands'])} for {_fmt(c['n'])}; raw loop the same), "
+        f"{c['downstream_per_command']:.3f} downstream effects"
+    )
+
+
+def _kind_text(row: Mapping[str, Any]) -> str:
+    targets = ", ".join(f"{t} {v:g}" for t, v in row["by_target"].items()) or "nothing"
+    return (
+        f"{row['internal']:g} internal per command ({targets}; {row['from_appointment']:g} "
+        f"from the appointment), {row['downstream']:g} downstream; {_fmt(row['commands'])} "
+        "commands"
+    )
 
 
 def table(result: Mapping[str, Any]) -> str:
@@ -199,17 +222,24 @@ def today() -> str:
 
 def exactly_once(c: dict[str, int]) -> bool:
     """Every check of the run passed (each fan-out applied and sent exactly once)."""
+    streams_match = all(
+        c[f"{s}_in_stream"] == c[f"{s}_expected"] == c[f"{s}_distinct_msg_ids"]
+        and c[f"{s}_missing"] == c[f"{s}_unexpected"] == c[f"{s}_mismatched"] == 0
+        for s in ("internal", "downstream")
+    )
     return (
         c["missing"] == 0
         and c["unexpected"] == 0
         and c["not_accepted"] == 0
-        and c["internal_in_stream"] == c["internal_expected"]
-        and c["charges_in_stream"] == c["charges_expected"]
-        and c["outbox_sent"] == c["internal_expected"] + c["charges_expected"]
+        and c["applied_rows"] == c["expected_rows"]
+        and streams_match
+        and c["outbox_sent"] == c["outbox_expected"]
         and c["outbox_not_sent"] == 0
         and c["duplicates_skipped"] == c["duplicates_sent"]
         and c["accepted"] == c["accepted_expected"]
+        and c["rejected_expected"] == 0
         and c["rejected_dead_parked"] == 0
+        and c["stock_commands"] == c["stock_expected"]
         and c["router_exit"] == 0
     )
 
@@ -246,14 +276,21 @@ def build_result(
         "latency_max_ms": round(lat[-1], 2),
         "exactly_once": exactly_once(checks),
     }
+    model = cs["model"]
     conditions = {
         "workload": "fanout",
         "n": workload.n,
         "m": workload.keys,
         "unique": workload.unique,
         "duplicates": workload.duplicates,
-        "fanout": workload.fanout,
+        "kinds": workload.kinds(),
         "items": workload.items_per_procedure,
+        "fanout": round(model.internal_sent / workload.n, 4),
+        "internal_commands": model.internal_sent,
+        "fanout_by_kind": cs["fanout_by_kind"],
+        "downstream_per_command": round(model.downstream_sent / workload.n, 4),
+        "downstream_effects": model.downstream_sent,
+        "downstream": DOWNSTREAM,
         "seed": seed,
         "router": {
             "batch_size": r.batch_size,
@@ -265,6 +302,7 @@ def build_result(
         "driver_in_flight": IN_FLIGHT,
         "durability": DURABILITY,
         "processes": "1 router + 1 driver (raw: 1 raw loop + 1 driver), 1 nats-server",
+        "refdata": "20 facilities, 10 procedures, 1 payer rule covering all; loaded before timing",
         "latency": LATENCY_DEFINITION,
         "raw_counts": {k: raw[k] for k in ("consumed_in", "published_fx", "consumed_fx")},
     }

@@ -156,7 +156,14 @@ def build_workload(
                 source="caresync-bench",
             )
             command = BenchCommand(
-                key, envelope.id, name, facility, procedure, False, subject, encode_envelope(envelope)
+                key,
+                envelope.id,
+                name,
+                facility,
+                procedure,
+                False,
+                subject,
+                encode_envelope(envelope),
             )
             seq.append(command)
             j += 1

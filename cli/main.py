@@ -108,6 +108,16 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_sim_parser(sub, client)
 
+    report = sub.add_parser("report", parents=[client], help="totals in business words")
+    report.add_argument("--json", action="store_true", help="one JSON object")
+    report.set_defaults(run=lambda a, c: _report(a, c))
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run the whole scenario on a fresh embedded deployment"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the data dir afterwards")
+    demo.set_defaults(run=lambda a, c: _demo(a, c))
+
     config = sub.add_parser("config", help="show the effective configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser(
@@ -231,6 +241,18 @@ async def _bench(args: argparse.Namespace, ctx: Context) -> int:
 
     status: int = await run_bench(args, ctx)
     return status
+
+
+async def _report(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.ops import run_report
+
+    return await run_report(ctx, args.nats, args.json)
+
+
+async def _demo(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.demo import run_demo
+
+    return await run_demo(ctx, keep=args.keep)
 
 
 async def _config_show(ctx: Context) -> int:

@@ -239,3 +239,45 @@ def _emit(line: dict[str, Any], as_json: bool) -> None:
 
 
 __all__ = ["build_envelope", "encode_envelope", "run_health", "run_publish", "run_status"]
+
+
+async def run_report(ctx: Context, nats_flag: str | None, as_json: bool) -> int:
+    """Totals from the router, and each simulator's own counts when simulators answer."""
+    url = resolve_url(ctx, nats_flag)
+    nc = await connect_client(url)
+    try:
+        report = await request_json(nc, subjects_for(ctx.config).control("report"), {}, 10.0)
+        try:
+            report["simulators"] = await request_json(nc, "sim.control.report", {}, 3.0)
+        except CommandError:
+            report["simulators"] = None  # real downstream systems: they keep their own counts
+    finally:
+        await nc.close()
+    if "error" in report:
+        raise CommandError(report["error"])
+    if as_json:
+        print_json(report)
+        return 0
+    a = report["appointments"]
+    print(
+        f"appointments: {a['total']} ({', '.join(f'{k} {v}' for k, v in a['by_status'].items())})"
+    )
+    print(
+        f"  billing readiness: {a['by_readiness']}; without a preference card: "
+        f"{a['without_preference_card']}"
+    )
+    print(
+        f"reservations: {report['reservations']['lines']} lines, "
+        f"{report['reservations']['units']} units; demand lines: {report['demand_lines']}"
+    )
+    print(f"charges: {report['charges']['lines']} lines, total {report['charges']['total']}")
+    print(
+        f"purchase orders: {report['purchase_orders']}; postings: "
+        f"{report['postings']['count']} ({report['postings']['amount']})"
+    )
+    for system, sync in report["sync"].items():
+        print(f"sync {system}: {sync}")
+    print(f"parked: {report['parked']}; dead letters: {report['dead_letters']}")
+    if report["simulators"] is not None:
+        print(f"simulators: {report['simulators']}")
+    return 0

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import nats.js.errors
 import orjson
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -17,6 +18,7 @@ from nats.aio.msg import Msg
 
 from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
+from caresync.router.report import build_report
 from caresync.router.runtime import Router
 from caresync.router.views import appointment_view, item_view
 from caresync.store import Store
@@ -78,7 +80,18 @@ class ControlResponder:
             if not req.kind:
                 return {"health": self._router.health(), "counts": await self._store.counts()}
             return await self.entity_status(req.kind, req.id)
-        return {"error": f"unknown control operation {op!r}; known: health, status"}
+        if op == "report":
+            report = await build_report(self._store)
+            report["dead_letters"] = await self._dead_letters()
+            return report
+        return {"error": f"unknown control operation {op!r}; known: health, status, report"}
+
+    async def _dead_letters(self) -> int:
+        try:
+            info = await self._nc.jetstream().stream_info(self._subjects.dead_letter_stream)
+        except nats.js.errors.Error:
+            return -1
+        return int(info.state.messages)
 
     async def entity_status(self, kind: str, entity: str) -> dict[str, Any]:
         """The committed state of one entity, and its parked messages."""
