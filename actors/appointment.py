@@ -63,6 +63,7 @@ class Booked(msgspec.Struct, kw_only=True, frozen=True, tag="booked"):
 class Changed(msgspec.Struct, kw_only=True, frozen=True, tag="changed"):
     details: BookAppointment
     occurred_at: datetime
+    local_date: str
 
 
 class Closed(msgspec.Struct, kw_only=True, frozen=True, tag="closed"):
@@ -104,6 +105,9 @@ class AppointmentState(msgspec.Struct, kw_only=True, frozen=True):
     source_ts: datetime | None = None
     charges: tuple[ChargeLine, ...] = ()
     consumed_lines: tuple[Line, ...] = ()
+    local_date: str = ""
+    """The start's date where the case happens (its own offset): stored states keep times in
+    UTC only, so the date is taken when the booking or change arrives."""
     plan: Plan = msgspec.field(default_factory=Plan)
     close_reason: str = ""
     version: int = 0
@@ -132,7 +136,9 @@ def decide(state: AppointmentState, command: Command[Any]) -> Accepted[Event] | 
     elif isinstance(p, RescheduleAppointment | ModifyAppointment):
         if state.status != "booked" or state.details is None:
             return Rejected(f"appointment {state.id} is {state.status}, not booked: cannot {name}")
-        event = Changed(details=_changed(state.details, p), occurred_at=at)
+        # The date where the case happens comes from the message's own offset, if it moves.
+        local_date = p.start.date().isoformat() if p.start is not None else state.local_date
+        event = Changed(details=_changed(state.details, p), occurred_at=at, local_date=local_date)
     elif isinstance(p, CloseAppointment):
         status: Status = _CLOSED_BY.get(name, "cancelled")  # type: ignore[assignment]
         if name == "delete":
@@ -219,7 +225,7 @@ def _plan(state: AppointmentState, refdata: Any) -> Plan:
     )
     return Plan(
         facility_id=details.facility_id,
-        date=details.start.date().isoformat(),
+        date=state.local_date,
         reservations=reservations,
         consumed=tuple(Line(item_id=i, quantity=q) for i, q in sorted(consumed.items()) if q),
         readiness=_readiness(details, refdata),
@@ -272,7 +278,7 @@ def _effects(
                 Effect(
                     target=ActorRef("supply", facility),
                     name="plan",
-                    key=f"{command.id}:supply:{facility}",
+                    key=f"{command.key}:supply:{facility}",
                     payload={
                         "appointment_id": after.id,
                         "reservations": mine.reservations,
@@ -286,7 +292,7 @@ def _effects(
                 Effect(
                     target=ActorRef("erp", facility),
                     name="demand",
-                    key=f"{command.id}:erp:{facility}",
+                    key=f"{command.key}:erp:{facility}",
                     payload={"appointment_id": after.id, "lines": demand},
                 )
             )
@@ -295,7 +301,7 @@ def _effects(
             Effect(
                 target=ActorRef("billing", after.id),
                 name="update",
-                key=f"{command.id}:billing",
+                key=f"{command.key}:billing",
                 payload=_billing_view(after),
             )
         )
@@ -304,7 +310,7 @@ def _effects(
             Effect(
                 target=ActorRef("visit", after.details.visit_number),
                 name="link",
-                key=f"{command.id}:visit",
+                key=f"{command.key}:visit",
                 payload={"appointment_id": after.id},
             )
         )
@@ -345,9 +351,16 @@ def evolve(state: AppointmentState, event: Event) -> AppointmentState:
             source_ts=event.occurred_at,
             close_reason="",
             version=v,
+            local_date=event.details.start.date().isoformat(),
         )
     if isinstance(event, Changed):
-        return replace(state, details=event.details, source_ts=event.occurred_at, version=v)
+        return replace(
+            state,
+            details=event.details,
+            source_ts=event.occurred_at,
+            version=v,
+            local_date=event.local_date,
+        )
     if isinstance(event, Closed):
         return replace(
             state,

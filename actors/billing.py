@@ -120,7 +120,7 @@ def _update(state: BillingState, command: Command[Any], p: Update) -> Accepted[E
             Effect(
                 target=Downstream("billing", state.id),
                 name=operation,
-                key=f"{command.id}:billing:{suffix}",
+                key=f"{command.key}:billing:{suffix}",
                 payload=payload,
             )
         )

@@ -9,6 +9,7 @@ persists the new state, the dedupe record and the effects in one transaction.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,9 @@ import msgspec
 S = TypeVar("S")
 E = TypeVar("E")
 P = TypeVar("P")
+
+
+_MAX_KEY_BASE = 160
 
 
 class Command(msgspec.Struct, Generic[P], kw_only=True, frozen=True):
@@ -35,6 +39,19 @@ class Command(msgspec.Struct, Generic[P], kw_only=True, frozen=True):
     refdata: Any = None
     """The reference data in force when the message entered the log
     (a :class:`caresync.actors.refdata.RefData`, attached by the runtime), or None."""
+
+    @property
+    def key(self) -> str:
+        """The base of this command's effect keys: unique per entity, not only per id.
+
+        Dedupe is per entity, so two entities may receive commands with the same id; their
+        effects must still have different idempotency keys.  Long bases are hashed so that
+        effect keys stay within the envelope's id limit.
+        """
+        base = f"{self.entity}/{self.id}"
+        if len(base) <= _MAX_KEY_BASE:
+            return base
+        return "h:" + hashlib.sha256(base.encode()).hexdigest()[:40]
 
 
 class ActorRef(msgspec.Struct, frozen=True, tag="actor"):

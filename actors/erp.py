@@ -140,7 +140,7 @@ def _demand(state: ErpState, command: Command[Any], p: Demand) -> Accepted[Event
                 Effect(
                     target=Downstream("erp", state.id),
                     name="demand",
-                    key=f"{command.id}:erp:demand:{item_id}:{date}",
+                    key=f"{command.key}:erp:demand:{item_id}:{date}",
                     payload={
                         "facility_id": state.id,
                         "item_id": item_id,
@@ -162,7 +162,7 @@ def _down(state: ErpState, command: Command[Any], operation: str, payload: Any) 
     return Effect(
         target=Downstream("erp", state.id),
         name=operation,
-        key=f"{command.id}:erp",
+        key=f"{command.key}:erp",
         payload=payload,
     )
 

@@ -270,7 +270,7 @@ def _posting(state: ItemState, command: Command[Any], consumed: Consumed) -> Eff
     return Effect(
         target=ActorRef("erp", state.facility_id),
         name="posting",
-        key=f"{command.id}:posting:{state.id}",
+        key=f"{command.key}:posting:{state.id}",
         payload={
             "facility_id": state.facility_id,
             "cost_center": facility.cost_center if facility is not None else "",

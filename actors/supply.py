@@ -92,7 +92,7 @@ def decide(state: SupplyState, command: Command[Any]) -> Accepted[Event] | Rejec
         used = new_used.get(item_id, 0) - old_used.get(item_id, 0)
         before, after = old_res.get(item_id, 0), new_res.get(item_id, 0)
         stock = ActorRef("item", f"{item_id}@{state.id}")
-        base = f"{command.id}:{item_id}"
+        base = f"{command.key}:{item_id}"
         if used > 0:
             effects.append(
                 Effect(

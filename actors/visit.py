@@ -74,7 +74,7 @@ def decide(state: VisitState, command: Command[Any]) -> Accepted[Event] | Reject
         effect = Effect(
             target=ActorRef("appointment", target),
             name="post_charges",
-            key=f"{command.id}:appointment",
+            key=f"{command.key}:appointment",
             payload={"lines": [msgspec.to_builtins(line) for line in p.lines]},
         )
         return Accepted(events=(ChargesRouted(appointment_id=target),), effects=(effect,))
@@ -88,7 +88,7 @@ def _coverage(
         Effect(
             target=ActorRef("appointment", appointment),
             name="coverage",
-            key=f"{command.id}:coverage:{appointment}",
+            key=f"{command.key}:coverage:{appointment}",
             payload={"payer_id": payer_id, "patient_class": patient_class},
         )
         for appointment in targets

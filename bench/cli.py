@@ -113,9 +113,11 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
         opts.n, opts.m, items_per_procedure=opts.items, seed=opts.seed, subjects=subjects
     )
     lat_n = max(1, opts.latency_n)
+    # The throughput workload's commands per key, so that its mix of kinds (and fan-out)
+    # is the same and 50 % of the measured rate is 50 % of the load.
     latency = build_workload(
         lat_n,
-        max(1, lat_n // 5),
+        max(1, lat_n * opts.m // opts.n),
         items_per_procedure=opts.items,
         dup_rate=0.0,
         seed=opts.seed + 1,

@@ -205,7 +205,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
     nc = await connect(args.nats, name="caresync-raw-loop", connect_timeout_s=5.0)
     js = nc.jetstream(publish_async_max_pending=100_000)
     stats = {"consumed_in": 0, "published_fx": 0, "consumed_fx": 0}
-    moves, inputs = args.moves, args.inputs
+    moves, n_inputs = args.moves, args.inputs
     inputs = await _consumer(nc, RAW_IN, IN_CONSUMER, args)
     effects = await _consumer(nc, RAW_FX, FX_CONSUMER, args)
 
@@ -217,7 +217,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
             futures = []
             for m in batch:
                 base = FX_PREFIX + m.subject[len(IN_PREFIX) :]
-                for k in range(moves_of(m.seq, moves, inputs)):
+                for k in range(moves_of(m.seq, moves, n_inputs)):
                     futures.append(
                         await js.publish_async(
                             f"{base}.{k}", m.data, headers={"Nats-Msg-Id": f"{m.seq}:{k}"}

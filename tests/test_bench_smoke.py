@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from caresync.bench.expected import PureRouter, fanout_by_kind, run_pure
+from caresync.bench.refdata import read_back, write_csv
 from caresync.bench.workload import build_workload
+from caresync.codecs import Subjects
 
 
 def _caresync() -> list[str]:
@@ -26,14 +29,50 @@ def test_workload_mirrors_the_peer_shape() -> None:
     w = build_workload(2_000, 200, items_per_procedure=3)
     assert w.n == 2_000
     assert w.keys == 200
-    assert w.fanout == 5
     assert 0 < w.duplicates < 0.1 * w.n
-    first = {}
-    for c in w.commands:
-        first.setdefault(c.key, c.name)
-        assert len(c.effect_ids()) == 5
-    assert set(first.values()) == {"book"}
+    per_key: dict[str, list[str]] = {}
+    for c in w.unique_commands():
+        per_key.setdefault(c.key, []).append(c.name)
+    assert len(per_key) == 200
+    ended = 0
+    for names in per_key.values():
+        assert names[0] == "book"
+        assert set(names[1:-1]) <= {"reschedule"}
+        # As in the peer: a re-send that fills the key's last slot leaves it without an end.
+        ended += names[-1] in ("complete", "cancel")
+    assert ended > 0.8 * len(per_key)
+    assert set(w.kinds()) == {"book", "reschedule", "complete", "cancel"}
     assert w == build_workload(2_000, 200, items_per_procedure=3)  # seeded
+
+
+def test_pure_model_fans_out_per_command_kind(tmp_path: Path) -> None:
+    """With 3 items per card: billing, supply and ERP from the appointment, then 3 item
+    commands from supply, for a booking and for its end; a reschedule only tells ERP."""
+    subjects = Subjects()
+    w = build_workload(400, 40, items_per_procedure=3, subjects=subjects)
+    write_csv(tmp_path, 3)
+    pure = PureRouter(subjects, read_back(tmp_path, version=1))
+    model = run_pure(pure, [(c.subject, c.data) for c in w.commands])
+    assert model.rejected == 0
+    assert model.duplicates == w.duplicates
+    assert model.internal_sent == len(model.internal)  # every Msg-Id distinct
+    kinds = fanout_by_kind(model.outcomes, {c.command_id: c.name for c in w.unique_commands()})
+    assert kinds["book"]["by_target"] == {
+        "billing.update": 1,
+        "erp.demand": 1,
+        "item.reserve": 3,
+        "supply.plan": 1,
+    }
+    for end in ("complete", "cancel"):
+        assert kinds[end]["by_target"] == {
+            "billing.update": 1,
+            "erp.demand": 1,
+            "item.release": 3,
+            "supply.plan": 1,
+        }
+        assert kinds[end]["from_appointment"] == 3
+    assert set(kinds["reschedule"]["by_target"]) == {"erp.demand"}  # unless the date is the same
+    assert 0.9 < kinds["reschedule"]["internal"] <= 1
 
 
 def test_bench_fanout_quick_json(tmp_path: Path) -> None:
@@ -60,4 +99,7 @@ def test_bench_fanout_quick_json(tmp_path: Path) -> None:
         assert doc[name] > 0, name
     assert doc["exactly_once"] is True, doc["checks"]
     assert doc["conditions"]["n"] == 2_000
+    assert doc["conditions"]["fanout"] > 1
     assert doc["checks"]["missing"] == 0
+    assert doc["checks"]["internal_in_stream"] == doc["checks"]["internal_expected"] > 0
+    assert doc["checks"]["stock_commands"] > 0

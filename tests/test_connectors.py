@@ -48,7 +48,7 @@ from caresync.store import Store
 
 pytestmark = pytest.mark.anyio
 
-FAST = {"timeout_s": 1.0, "backoff_initial_ms": 20.0, "backoff_max_ms": 80.0}
+FAST: dict[str, Any] = {"timeout_s": 1.0, "backoff_initial_ms": 20.0, "backoff_max_ms": 80.0}
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Env:
         raw = await stream_messages(self.js, self.subjects.input_stream(0), f"{prefix}.int.>")
         out = []
         for m in raw:
-            env, _ = decode_envelope(m.data)
+            env, _ = decode_envelope(m.data or b"")
             ack = msgspec.msgpack.decode(env.payload_bytes, type=DownstreamAck)
             out.append((str(m.subject), env, ack))
         return out
@@ -156,10 +156,10 @@ async def connectors(
     url: str, prefix: str, data_dir: Path, **systems: dict[str, Any]
 ) -> AsyncIterator[Env]:
     """Streams provisioned, a store, and the connectors of ``systems`` (others disabled)."""
-    downstream = {
-        name: ConnectorConfig(
-            **{"subject_prefix": f"{prefix}sim", "enabled": name in systems, **FAST}
-            | systems.get(name, {})
+    base = {"subject_prefix": f"{prefix}sim", **FAST}
+    downstream: dict[str, object] = {
+        name: msgspec.convert(
+            {**base, "enabled": name in systems, **systems.get(name, {})}, ConnectorConfig
         )
         for name in ("billing", "erp", "supply")
     }
@@ -188,7 +188,7 @@ async def test_an_effect_is_delivered_once_and_acknowledged_to_its_owner(
 
         async def acked() -> bool:
             info = await env.js.consumer_info(env.subjects.output_stream, "connector-erp")
-            return info.num_ack_pending == 0 and info.ack_floor.stream_seq == 1
+            return bool(info.num_ack_pending == 0 and info.ack_floor.stream_seq == 1)
 
         await wait_for(acked, what="the effect to be acked on its stream")
         calls = await env.store.calls("po-1:erp")
@@ -427,32 +427,26 @@ async def test_the_router_service_runs_the_connectors_and_stops_cleanly(
     nats_url: str, unique_prefix: str, tmp_path: Path
 ) -> None:
     fake = FakeSystem("erp")
-    disabled = {"enabled": False}
-    erp = {"subject_prefix": f"{unique_prefix}sim", **FAST}
-    cfg = make_config(
-        unique_prefix,
-        downstream={
-            "billing": ConnectorConfig(**disabled),
-            "erp": ConnectorConfig(**erp),
-            "supply": ConnectorConfig(**disabled),
-        },
-    )
+    erp = msgspec.convert({"subject_prefix": f"{unique_prefix}sim", **FAST}, ConnectorConfig)
+    off = ConnectorConfig(enabled=False)
+    cfg = make_config(unique_prefix, downstream={"billing": off, "erp": erp, "supply": off})
     service = RouterService(cfg, nats_url=nats_url, data_dir=tmp_path)
     async with anyio.create_task_group() as tg:
         await tg.start(service.run)
         nc = await nats.connect(nats_url)
         try:
-            env = Env(cfg, service.subjects, nc, nc.jetstream(), None, tg, nats_url)  # type: ignore[arg-type]
-            scope = await env.start(fake)
-            await env.put("erp", "po-9:erp", "F1")
-            [(_, _, ack)] = await env.wait_acks(1)
-            scope.cancel()
+            async with await open_store(cfg, tmp_path) as store:  # a second connection (WAL)
+                env = Env(cfg, service.subjects, nc, nc.jetstream(), store, tg, nats_url)
+                scope = await env.start(fake)
+                await env.put("erp", "po-9:erp", "F1")
+                [(_, _, ack)] = await env.wait_acks(1)
+                calls = await store.calls("po-9:erp")
+                scope.cancel()
         finally:
             await nc.close()
         service.stop()
     assert (ack.effect_key, ack.outcome) == ("po-9:erp", "created")
-    async with await open_store(cfg, tmp_path) as store:
-        assert [c.outcome for c in await store.calls("po-9:erp")] == ["created"]
+    assert [c.outcome for c in calls] == ["created"]
 
 
 # -- the HTTP status mapping, through httpx's transport seam --------------------------------------

@@ -392,24 +392,30 @@ async def test_out_of_order_application_is_detected(
 
 # -- effects ------------------------------------------------------------------------------------
 def expected_internal(cid: str, name: str, facility: str, moved_to: str = "") -> list[str]:
-    """The keys of the internal messages one appointment command causes (actors' key rules)."""
+    """The keys of the internal messages one appointment command causes (actors' key rules).
+
+    ``cid`` is the appointment command's key base (``<appointment>/<command id>``); an owner's
+    own effects are keyed from the key of the command it received, prefixed by its entity.
+    """
+
+    def items(f: str, op: str) -> list[str]:
+        return [f"{f}/{cid}:supply:{f}:{item}:{op}" for item in CARD]
+
     if name == "book":
         keys = [f"{cid}:supply:{facility}", f"{cid}:erp:{facility}", f"{cid}:billing"]
-        return keys + [f"{cid}:supply:{facility}:{item}:reserve" for item in CARD]
+        return keys + items(facility, "reserve")
     if name == "reschedule" and moved_to:
-        return [
-            f"{cid}:{owner}:{f}" for f in (facility, moved_to) for owner in ("supply", "erp")
-        ] + [
-            f"{cid}:supply:{f}:{item}:{op}"
-            for f, op in ((facility, "release"), (moved_to, "reserve"))
-            for item in CARD
-        ]
+        return (
+            [f"{cid}:{owner}:{f}" for f in (facility, moved_to) for owner in ("supply", "erp")]
+            + items(facility, "release")
+            + items(moved_to, "reserve")
+        )
     if name == "reschedule":
         return [f"{cid}:erp:{facility}"]
     # cancelled, or performed: what is still reserved is released
     assert name in ("cancel", "post_charges")
     keys = [f"{cid}:supply:{facility}", f"{cid}:erp:{facility}", f"{cid}:billing"]
-    return keys + [f"{cid}:supply:{facility}:{item}:release" for item in CARD]
+    return keys + items(facility, "release")
 
 
 async def test_each_accepted_command_fans_out_exactly_once_with_deterministic_keys(
@@ -437,11 +443,12 @@ async def test_each_accepted_command_fans_out_exactly_once_with_deterministic_ke
             cmds.append(c)
             here = moved_to if moved_to and step > 1 else facility
             expected_ids += expected_internal(
-                c.id, name, here, moved_to if name == "reschedule" else ""
+                f"{appt}/{c.id}", name, here, moved_to if name == "reschedule" else ""
             )
-            (completed if name == "post_charges" else cancelled if name == "cancel" else []).append(
-                c
-            )
+            if name == "post_charges":
+                completed.append(c)
+            elif name == "cancel":
+                cancelled.append(c)
     publish(transport, cmds)
     router = make_router(transport, store, batch_size=5)
 
@@ -463,9 +470,11 @@ async def test_each_accepted_command_fans_out_exactly_once_with_deterministic_ke
         m, env = by_entity[c.entity]
         line = f"{c.entity}/L1"
         assert (
-            env["id"] == (m.headers or {})["Nats-Msg-Id"] == f"{c.id}:billing:billing:charge:{line}"
+            env["id"]
+            == (m.headers or {})["Nats-Msg-Id"]
+            == f"{c.entity}/{c.entity}/{c.id}:billing:billing:charge:{line}"
         )
-        assert env["causation_id"] == f"{c.id}:billing"
+        assert env["causation_id"] == f"{c.entity}/{c.id}:billing"
         assert env["correlation_id"] == c.id
         assert env["data"] == {
             "appointment_id": c.entity,
@@ -909,6 +918,28 @@ async def test_passivated_entities_are_loaded_back_from_the_store(
     await check_matches_oracle(store, transport, books + later)
 
 
+async def test_a_reloaded_entity_decides_like_one_that_stayed_live(
+    transport: MemoryTransport, store: Store
+) -> None:
+    late_evening = {**book_payload("MAIN"), "start": "2027-03-10T22:00:00-05:00"}
+    cmds = [
+        command("A1", "book", late_evening, id="b1"),
+        command("A1", "reschedule", {"room": "OR-2"}, id="r1", minutes=1),
+    ]
+    for c in cmds:  # a restart between the two: A1 is loaded back from the store
+        publish(transport, [c])
+        router = make_router(transport, store)
+        async with running(router):
+            await settle(router, transport, store)
+
+    appt = (await states(store, "appointment", AppointmentState))["A1"]
+    assert appt.plan.date == "2027-03-10"
+    assert {d.date for d in (await states(store, "erp", ErpState))["MAIN"].demand["A1"]} == {
+        "2027-03-10"
+    }
+    await check_matches_oracle(store, transport, cmds)
+
+
 # -- publish failures ---------------------------------------------------------------------------
 async def test_transient_publish_failures_are_retried_and_delivered_once(
     transport: MemoryTransport, store: Store
@@ -926,7 +957,7 @@ async def test_transient_publish_failures_are_retried_and_delivered_once(
     assert (router.publisher.stats.duplicates, router.publisher.stats.failed) == (0, 0)
     internal = msg_ids(transport, "cs.int.>")
     assert sorted(internal) == sorted(
-        key for b in books for key in expected_internal(b.id, "book", "MAIN")
+        key for b in books for key in expected_internal(f"{b.entity}/{b.id}", "book", "MAIN")
     )
     assert len(downstream_ids(transport)) == 10 * BOOK.downstream
     bills = await states(store, "billing", BillingState)
@@ -1019,6 +1050,20 @@ async def test_the_same_command_id_for_two_entities_is_not_a_duplicate(
     assert router.workers[0].stats.duplicates == 0
     booked = await states(store, "appointment", AppointmentState)
     assert {a: s.status for a, s in booked.items()} == {"A1": "booked", "A2": "booked"}
-    # Their effects are keyed by the same command id but reach different entities.
+
+
+async def test_the_same_command_id_for_two_entities_loses_no_fan_out(
+    transport: MemoryTransport, store: Store
+) -> None:
+    books = [command(a, "book", book_payload("MAIN"), id="shared-1") for a in ("A1", "A2")]
+    publish(transport, books, msg_id=False)
+    router = make_router(transport, store)
+    async with running(router):
+        await settle(router, transport, store)
+    bills = await states(store, "billing", BillingState)
+    assert {a: s.status for a, s in bills.items()} == {"A1": "booked", "A2": "booked"}
+    supply = (await states(store, "supply", SupplyState))["MAIN"]
+    assert set(supply.reservations) == {"A1", "A2"}
+    assert set((await states(store, "erp", ErpState))["MAIN"].demand) == {"A1", "A2"}
     items = await states(store, "item", ItemState)
     assert items["gauze@MAIN"].reservations == {"A1": 4, "A2": 4}
