@@ -103,7 +103,7 @@ def test_consumption_posts_its_cost_to_the_facility_cost_center() -> None:
     _, decision = run(state, "consume", Consume(appointment_id="A1", quantity=4), id="dft-1")
     [posting] = [e for e in decision.effects if e.name == "posting"]
     assert posting.target == ActorRef("erp", "MAIN-OR")
-    assert posting.key == f"dft-1:posting:{KEY}"
+    assert posting.key == f"{KEY}/dft-1:posting:{KEY}"
     assert posting.payload["amount"] == "5.00"
     assert posting.payload["cost_center"] == "CC-100"
 
@@ -194,7 +194,7 @@ def test_erp_sends_each_purchase_order_downstream_keyed_by_the_request() -> None
     assert isinstance(decision, Accepted)
     [down] = decision.effects
     assert down.name == "purchase_order"
-    assert down.key == f"po:{KEY}:1:erp"
+    assert down.key == f"MAIN-OR/po:{KEY}:1:erp"
     assert erp.KIND.apply(erp.initial("MAIN-OR"), decision.events).purchase_orders == (
         state.purchase_orders[0].po_id,
     )
