@@ -32,7 +32,7 @@ from nats.js import JetStreamContext, api
 
 from caresync.bench.expected import Address, Outcome, Sent
 from caresync.bench.workload import Workload
-from caresync.codecs import Subjects, decode_envelope
+from caresync.codecs import Subjects, WireFormat, decode_envelope
 from caresync.config.schema import DownstreamConfig
 
 POLL_S = 0.02
@@ -337,29 +337,31 @@ async def read_stream(
     js: JetStreamContext, stream: str, subject_filter: str, batch: int = 1000
 ) -> list[tuple[str, bytes]]:
     """(Msg-Id, data) of every message of ``stream`` on ``subject_filter``, in stream order."""
-    config = api.ConsumerConfig(
-        deliver_policy=api.DeliverPolicy.ALL,
-        ack_policy=api.AckPolicy.NONE,
-        inactive_threshold=30.0,
-        mem_storage=True,
+    info = await js.add_consumer(
+        stream,
+        config=api.ConsumerConfig(
+            filter_subject=subject_filter,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        ),
     )
-    sub = await js.pull_subscribe(subject_filter, stream=stream, config=config)
+    want = int(info.num_pending or 0)
+    out: list[tuple[str, bytes]] = []
     try:
-        info = await sub.consumer_info()
-        want = int(info.num_pending or 0)
-        out: list[tuple[str, bytes]] = []
-        while len(out) < want:
-            try:
-                msgs = await sub.fetch(min(batch, want - len(out)), timeout=5.0)
-            except nats.errors.TimeoutError:
-                raise BenchError(f"reading {stream}: got {len(out)} of {want} messages") from None
-            out.extend(((m.headers or {}).get("Nats-Msg-Id", ""), m.data) for m in msgs)
-    finally:
-        await sub.unsubscribe()
+        sub = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
         try:
-            await js.delete_consumer(stream, info.name)
-        except Exception:  # already gone (inactive threshold): nothing to clean up
-            pass
+            while len(out) < want:
+                try:
+                    msgs = await sub.fetch(min(batch, want - len(out)), timeout=5.0)
+                except nats.errors.TimeoutError:
+                    raise BenchError(f"reading {stream}: {len(out)} of {want} messages") from None
+                out.extend(((m.headers or {}).get("Nats-Msg-Id", ""), m.data) for m in msgs)
+        finally:
+            await sub.unsubscribe()
+    finally:
+        await js.delete_consumer(stream, info.name)
     return out
 
 
@@ -383,7 +385,7 @@ def compare_sent(
             {}
             if not raw
             else msgspec.json.decode(raw)
-            if fmt.value == "json"
+            if fmt is WireFormat.JSON
             else msgspec.msgpack.decode(raw)
         )
         got = (env.kind, env.entity, env.causation_id, payload)

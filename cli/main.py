@@ -60,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--data", help="inline payload as JSON")
     publish.add_argument("--id", help="inline command id (default: a new UUID)")
     publish.add_argument("--json", action="store_true", help="one JSON object per message")
+    publish.add_argument(
+        "--format",
+        choices=["json"],
+        default="json",
+        help="format of the files: canonical JSON envelopes (HL7 v2 and FHIR come next)",
+    )
+    publish.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for each verdict (0: do not wait; default 10)",
+    )
     publish.set_defaults(run=lambda a, c: _publish(a, c))
 
     replay = sub.add_parser("replay", help="rebuild state from the JetStream log")
@@ -221,7 +234,7 @@ async def _publish(args: argparse.Namespace, ctx: Context) -> int:
         inline = build_envelope(args.kind, args.entity, args.data, args.id)
     elif not args.files:
         raise CommandError("nothing to publish: give FILE... or --kind/--entity")
-    return await run_publish(ctx, args.nats, args.files, inline, args.json)
+    return await run_publish(ctx, args.nats, args.files, inline, args.json, args.wait)
 
 
 async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats.errors
 import nats.js.errors
 import orjson
@@ -179,9 +180,18 @@ def build_envelope(kind: str, entity: str, data: str | None, command_id: str | N
 
 
 async def run_publish(
-    ctx: Context, nats_flag: str | None, files: list[str], inline: bytes | None, as_json: bool
+    ctx: Context,
+    nats_flag: str | None,
+    files: list[str],
+    inline: bytes | None,
+    as_json: bool,
+    wait_s: float = 10.0,
 ) -> int:
-    """Publish canonical envelopes to their input subjects; one line per message."""
+    """Publish canonical envelopes to their input subjects and wait for each verdict.
+
+    One line per message; exit status 1 when anything was rejected (or could not be sent).
+    ``wait_s`` 0 publishes without waiting for the router's verdict.
+    """
     subjects = subjects_for(ctx.config)
     items: list[tuple[str, int, bytes]] = []
     if inline is not None:
@@ -206,7 +216,9 @@ async def run_publish(
                 _emit(line, as_json)
                 continue
             line |= await _publish_one(js, subjects.command(env.entity_kind, env.entity), env, data)
-            if line["verdict"] == "failed":
+            if line["verdict"] == "published" and wait_s > 0:
+                line |= await _await_verdict(nc, subjects.control("verdict"), env, line, wait_s)
+            if line["verdict"] in ("failed", "rejected"):
                 failures += 1
             _emit(line, as_json)
     finally:
@@ -224,12 +236,32 @@ async def _publish_one(js: Any, subject: str, env: Envelope, data: bytes) -> dic
     return base | {"verdict": verdict, "stream": ack.stream, "seq": ack.seq}
 
 
+async def _await_verdict(
+    nc: Any, subject: str, env: Envelope, line: dict[str, Any], wait_s: float
+) -> dict[str, Any]:
+    """Ask the router what became of the message until it has decided, or ``wait_s`` passes."""
+    body = {
+        "stream": line["stream"],
+        "seq": line["seq"],
+        "kind": env.entity_kind,
+        "entity": env.entity,
+        "id": env.id,
+    }
+    with anyio.move_on_after(wait_s):
+        while True:
+            reply = await request_json(nc, subject, body, min(wait_s, 5.0))
+            if reply.get("verdict") != "pending":
+                return {k: v for k, v in reply.items() if k in ("verdict", "reason", "code")}
+            await anyio.sleep(0.05)
+    return {"verdict": "pending", "reason": f"no verdict from the router within {wait_s:g} s"}
+
+
 def _emit(line: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(orjson.dumps(line).decode(), flush=True)
         return
     where = f"{line['file']}#{line['index']}"
-    if line["verdict"] in ("published", "duplicate"):
+    if line["verdict"] in ("published", "accepted", "duplicate"):
         print(
             f"{where}: {line['verdict']} {line['kind']} {line['entity']} "
             f"(id {line['id']}, {line['stream']} seq {line['seq']})"

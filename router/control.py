@@ -36,6 +36,19 @@ class StatusRequest(msgspec.Struct, kw_only=True, frozen=True):
 _status_decoder = msgspec.json.Decoder(StatusRequest)
 
 
+class VerdictRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """Which published message a publisher asks about: where it was stored, and its command."""
+
+    stream: str
+    seq: int
+    kind: str = ""
+    entity: str = ""
+    id: str = ""
+
+
+_verdict_decoder = msgspec.json.Decoder(VerdictRequest)
+
+
 class ControlResponder:
     """Answers control requests for one router."""
 
@@ -80,11 +93,47 @@ class ControlResponder:
             if not req.kind:
                 return {"health": self._router.health(), "counts": await self._store.counts()}
             return await self.entity_status(req.kind, req.id)
+        if op == "verdict":
+            return await self.verdict(_verdict_decoder.decode(msg.data))
         if op == "report":
             report = await build_report(self._store)
             report["dead_letters"] = await self._dead_letters()
             return report
-        return {"error": f"unknown control operation {op!r}; known: health, status, report"}
+        return {
+            "error": f"unknown control operation {op!r}; known: health, status, verdict, report"
+        }
+
+    async def verdict(self, req: VerdictRequest) -> dict[str, Any]:
+        """What became of one stored message: pending, accepted, duplicate, rejected, parked."""
+        if await self._store.offset(req.stream) < req.seq:
+            return {"verdict": "pending"}
+        letter = await self._store.outbox_headers(f"dlq:{req.stream}:{req.seq}")
+        if req.kind and req.id:
+            record = await self._store.applied_record(req.kind, req.entity, req.id)
+            if record is not None:
+                outcome, reason, seq = record
+                if seq != req.seq:
+                    return {"verdict": "duplicate", "first_seq": seq}
+                if outcome == "accepted":
+                    return {"verdict": "accepted"}
+                return {
+                    "verdict": "rejected",
+                    "reason": reason,
+                    "code": (letter or {}).get("Caresync-Reason-Code", outcome),
+                }
+            parked = await self._store.parked(req.kind, req.entity)
+            if any(p.seq == req.seq and p.stream == req.stream for p in parked):
+                reason = next(p.reason for p in parked if p.seq == req.seq)
+                return {"verdict": "parked", "reason": reason}
+        if letter is not None:
+            return {
+                "verdict": "rejected",
+                "reason": letter.get("Caresync-Reason", ""),
+                "code": letter.get("Caresync-Reason-Code", ""),
+            }
+        # Processed, and neither applied, parked nor dead-lettered: a duplicate of an id that
+        # was applied long ago and already pruned, or a message of another router's kinds.
+        return {"verdict": "duplicate"}
 
     async def _dead_letters(self) -> int:
         try:

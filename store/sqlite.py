@@ -361,6 +361,24 @@ class Store:
             row = await cur.fetchone()
         return (str(row[0]), str(row[1])) if row else None
 
+    async def applied_record(
+        self, kind: str, entity: str, command_id: str
+    ) -> tuple[str, str, int] | None:
+        """(outcome, reason, stream seq) of a command of one entity, or None."""
+        async with self._conn.execute(
+            "SELECT outcome, reason, seq FROM applied "
+            "WHERE kind = ? AND entity = ? AND command_id = ?",
+            (kind, entity, command_id),
+        ) as cur:
+            row = await cur.fetchone()
+        return (str(row[0]), str(row[1]), int(row[2])) if row else None
+
+    async def outbox_headers(self, key: str) -> dict[str, str] | None:
+        """Headers of one outbox row (a dead letter's reason), or None if there is no row."""
+        async with self._conn.execute("SELECT headers FROM outbox WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (_load_headers(row[0]) or {})
+
     async def counts(self) -> dict[str, int]:
         """Row counts per table and outbox status, for status and health output."""
         out: dict[str, int] = {}

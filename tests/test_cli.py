@@ -85,7 +85,7 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
             '"start": "2027-03-01T08:00:00-05:00", "payer_id": "NORTHWIND-HMO"}',
         )
         assert book.returncode == 0, book.stdout + book.stderr
-        assert "published appointment.book HOSP:A 1.5" in book.stdout
+        assert "accepted appointment.book HOSP:A 1.5" in book.stdout
         again = run(
             "publish",
             "--data-dir",
@@ -99,6 +99,23 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
             "--json",
         )
         assert json.loads(again.stdout)["verdict"] == "duplicate"
+        # A command the actor refuses: the publisher is told why, and the exit status says so.
+        early = run(
+            "publish",
+            "--data-dir",
+            str(data),
+            "--kind",
+            "appointment.cancel",
+            "--entity",
+            "HOSP:B 2",
+            "--id",
+            "cmd-2",
+            "--json",
+        )
+        assert early.returncode == 1
+        verdict = json.loads(early.stdout)
+        assert verdict["verdict"] == "rejected"
+        assert "not booked: cannot cancel" in verdict["reason"]
 
         def booked() -> bool:
             status = run("status", "--data-dir", str(data), "appointment", "HOSP:A 1.5", "--json")
