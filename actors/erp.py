@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from caresync.actors.contract import Accepted, Command, Downstream, Effect, EntityKind, Rejected
-from caresync.actors.ledger import DownstreamAck, Ledger, acknowledged, sent
+from caresync.actors.ledger import DownstreamAck, Ledger, acknowledged, sent, settled
 
 PURCHASING = "purchasing"
 """Ledger name of the facility's purchase orders."""
@@ -171,10 +171,13 @@ def evolve(state: ErpState, event: Event) -> ErpState:
     """Apply one recorded event; never fails."""
     replace = msgspec.structs.replace
     if isinstance(event, Acked):
-        ledger = state.ledgers.get(event.ledger, Ledger())
+        ledger = acknowledged(state.ledgers.get(event.ledger, Ledger()), event.ack)
+        ledgers = {**state.ledgers, event.ledger: ledger}
+        if settled(ledger) and event.ledger != PURCHASING and event.ledger not in state.demand:
+            del ledgers[event.ledger]  # no demand left, nothing waiting: done here
         return replace(
             state,
-            ledgers={**state.ledgers, event.ledger: acknowledged(ledger, event.ack)},
+            ledgers=ledgers,
             owners={k: v for k, v in state.owners.items() if k != event.ack.effect_key},
         )
     if isinstance(event, DemandSet):

@@ -17,6 +17,9 @@ import msgspec
 
 SyncState = Literal["in_sync", "pending", "failed", "parked"]
 
+MAX_REFERENCES = 20
+"""References kept per ledger (the most recent ones)."""
+
 
 class DownstreamAck(msgspec.Struct, kw_only=True, frozen=True):
     """A connector's final word on one effect (command ``<kind>.downstream_ack``)."""
@@ -47,6 +50,11 @@ class Ledger(msgspec.Struct, kw_only=True, frozen=True):
         if self.failed:
             return "failed"
         return "pending" if self.pending else "in_sync"
+
+
+def settled(ledger: Ledger) -> bool:
+    """Nothing waiting and nothing failed: the entry can be forgotten once its case is closed."""
+    return not ledger.pending and not ledger.failed
 
 
 def sent(ledger: Ledger, keys: tuple[str, ...]) -> Ledger:

@@ -22,7 +22,7 @@ from caresync.actors.contract import (
     EntityKind,
     Rejected,
 )
-from caresync.actors.ledger import DownstreamAck, Ledger, acknowledged, sent
+from caresync.actors.ledger import DownstreamAck, Ledger, acknowledged, sent, settled
 
 
 class Line(msgspec.Struct, kw_only=True, frozen=True):
@@ -181,7 +181,10 @@ def evolve(state: SupplyState, event: Event) -> SupplyState:
             state, reservations=reservations, consumed=consumed, ledgers=ledgers, owners=owners
         )
     owners = {k: v for k, v in state.owners.items() if k != event.ack.effect_key}
-    ledgers = {**state.ledgers, appointment: acknowledged(ledger, event.ack)}
+    ledger = acknowledged(ledger, event.ack)
+    ledgers = {**state.ledgers, appointment: ledger}
+    if settled(ledger) and appointment not in state.reservations:
+        del ledgers[appointment]  # nothing held, nothing waiting: the appointment is done here
     return replace(state, ledgers=ledgers, owners=owners)
 
 

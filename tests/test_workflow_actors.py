@@ -298,3 +298,33 @@ def test_claim_status_flows_back_to_billing() -> None:
         "CLM-1",
         "no auth",
     )
+
+
+def test_facility_ledgers_forget_closed_appointments_once_settled() -> None:
+    # Per-facility actors must not grow with every appointment they ever saw.
+    net = Network()
+    book(net)
+    net.ack_all()
+    assert "A1" in net.state("supply", "MAIN").ledgers
+    net.downstream.clear()
+    net.send("appointment", "A1", "cancel", {}, id="c1")
+    net.ack_all()
+    assert "A1" not in net.state("supply", "MAIN").ledgers
+    assert "A1" not in net.state("erp", "MAIN").ledgers
+    view_state = net.state("billing", "A1").ledger
+    assert view_state.state == "in_sync"
+
+
+def test_ledger_references_are_capped() -> None:
+    from caresync.actors.ledger import MAX_REFERENCES, DownstreamAck, Ledger, acknowledged, sent
+
+    ledger = Ledger()
+    for n in range(3 * MAX_REFERENCES):
+        ledger = sent(ledger, (f"k{n}",))
+        ledger = acknowledged(
+            ledger,
+            DownstreamAck(effect_key=f"k{n}", system="erp", outcome="created", reference=f"R{n}"),
+        )
+    assert len(ledger.references) == MAX_REFERENCES
+    assert ledger.references[f"k{3 * MAX_REFERENCES - 1}"] == f"R{3 * MAX_REFERENCES - 1}"
+    assert (ledger.wanted, ledger.acked, ledger.state) == (60, 60, "in_sync")
