@@ -79,9 +79,12 @@ def acknowledged(ledger: Ledger, ack: DownstreamAck) -> Ledger:
             failed=(*ledger.failed, ack.effect_key),
             last_error=ack.error,
         )
-    references = (
-        {**ledger.references, ack.effect_key: ack.reference} if ack.reference else ledger.references
-    )
+    references = ledger.references
+    if ack.reference:
+        # Only the latest references are kept: the ledger of a busy entity must not grow
+        # without bound (the systems keep theirs; the connector records every call).
+        kept = list(ledger.references.items())[-(MAX_REFERENCES - 1) :]
+        references = {**dict(kept), ack.effect_key: ack.reference}
     return msgspec.structs.replace(
         ledger, pending=pending, acked=ledger.acked + 1, references=references
     )
