@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "--items",
         type=int,
         default=1,
-        help="items per procedure: fan-out is 2 + items (default 1 -> 3)",
+        help="items on each bench preference card (default 1)",
     )
     bench.add_argument(
         "--latency-n",
