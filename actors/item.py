@@ -52,6 +52,13 @@ class Consume(msgspec.Struct, kw_only=True, frozen=True):
     line_id: str = ""
 
 
+class ReturnStock(msgspec.Struct, kw_only=True, frozen=True):
+    """A consumption was credited: the quantity goes back on the shelf."""
+
+    appointment_id: str
+    quantity: int
+
+
 class POAcknowledged(msgspec.Struct, kw_only=True, frozen=True):
     """ERP accepted a purchase order and gave it a reference."""
 
@@ -88,6 +95,11 @@ class Consumed(msgspec.Struct, kw_only=True, frozen=True, tag="consumed"):
     quantity: int
 
 
+class Returned(msgspec.Struct, kw_only=True, frozen=True, tag="returned"):
+    appointment_id: str
+    quantity: int
+
+
 class Ordered(msgspec.Struct, kw_only=True, frozen=True, tag="ordered"):
     po_id: str
     quantity: int
@@ -108,7 +120,17 @@ class Received(msgspec.Struct, kw_only=True, frozen=True, tag="received"):
     quantity: int
 
 
-Event = StockSet | Reserved | Released | Consumed | Ordered | Rearmed | Acknowledged | Received
+Event = (
+    StockSet
+    | Reserved
+    | Released
+    | Consumed
+    | Returned
+    | Ordered
+    | Rearmed
+    | Acknowledged
+    | Received
+)
 
 
 # -- state ----------------------------------------------------------------------------------
@@ -200,6 +222,10 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
         if p.quantity <= 0:
             return Rejected(f"consumption of {p.quantity} {state.id} is not positive")
         events = [Consumed(appointment_id=p.appointment_id, quantity=p.quantity)]
+    elif isinstance(p, ReturnStock):
+        if p.quantity <= 0:
+            return Rejected(f"return of {p.quantity} {state.id} is not positive")
+        events = [Returned(appointment_id=p.appointment_id, quantity=p.quantity)]
     elif isinstance(p, POAcknowledged):
         if not _po(state, p.po_id):
             return Rejected(f"purchase order {p.po_id} is not one of {state.id}")
@@ -223,6 +249,10 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
     consumed = next((e for e in events if isinstance(e, Consumed)), None)
     if consumed is not None:
         effects.append(_posting(after, command, consumed))
+    returned = next((e for e in events if isinstance(e, Returned)), None)
+    if returned is not None:  # the cost posted for it is reversed
+        reversal = Consumed(appointment_id=returned.appointment_id, quantity=-returned.quantity)
+        effects.append(_posting(after, command, reversal))
     return Accepted(events=tuple(events), effects=tuple(effects))
 
 
@@ -319,6 +349,12 @@ def evolve(state: ItemState, event: Event) -> ItemState:
             reservations=reservations,
             consumed=state.consumed + event.quantity,
         )
+    if isinstance(event, Returned):
+        return replace(
+            state,
+            on_hand=state.on_hand + event.quantity,
+            consumed=state.consumed - event.quantity,
+        )
     if isinstance(event, Ordered):
         po = PurchaseOrder(
             po_id=event.po_id, quantity=event.quantity, supplier_id=event.supplier_id
@@ -366,6 +402,7 @@ KIND: EntityKind[ItemState, Event] = EntityKind(
         "reserve": Reserve,
         "release": Release,
         "consume": Consume,
+        "return_stock": ReturnStock,
         "po_acknowledged": POAcknowledged,
         "goods_received": GoodsReceived,
     },

@@ -93,6 +93,15 @@ def decide(state: SupplyState, command: Command[Any]) -> Accepted[Event] | Rejec
         before, after = old_res.get(item_id, 0), new_res.get(item_id, 0)
         stock = ActorRef("item", f"{item_id}@{state.id}")
         base = f"{command.key}:{item_id}"
+        if used < 0:  # a credited supply line: the unused quantity goes back on the shelf
+            effects.append(
+                Effect(
+                    target=stock,
+                    name="return_stock",
+                    key=f"{base}:return",
+                    payload={"appointment_id": appointment, "quantity": -used},
+                )
+            )
         if used > 0:
             effects.append(
                 Effect(
@@ -102,6 +111,7 @@ def decide(state: SupplyState, command: Command[Any]) -> Accepted[Event] | Rejec
                     payload={"appointment_id": appointment, "quantity": used},
                 )
             )
+        if used:
             effects.append(
                 _down(
                     state,

@@ -141,6 +141,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "item.reserve": {"appointment_id": "A1", "quantity": 12},  # crosses: orders PO:gauze@F1:1
     "item.release": {"appointment_id": "A1"},
+    "item.return_stock": {"appointment_id": "A1", "quantity": 1},
     "item.consume": {"appointment_id": "A1", "quantity": 3, "line_id": "L1"},
     "item.po_acknowledged": {"po_id": "PO:gauze@F1:1", "reference": "PO-000001"},
     "item.goods_received": {"po_id": "PO:gauze@F1:1", "quantity": 50},
