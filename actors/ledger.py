@@ -15,22 +15,14 @@ from typing import Literal
 
 import msgspec
 
+from caresync.codecs.downstream import DownstreamAck
+
+__all__ = ["DownstreamAck", "Ledger", "SyncState", "acknowledged", "sent", "settled"]
+
 SyncState = Literal["in_sync", "pending", "failed", "parked"]
 
 MAX_REFERENCES = 20
 """References kept per ledger (the most recent ones)."""
-
-
-class DownstreamAck(msgspec.Struct, kw_only=True, frozen=True):
-    """A connector's final word on one effect (command ``<kind>.downstream_ack``)."""
-
-    effect_key: str
-    system: str
-    operation: str = ""
-    outcome: Literal["created", "duplicate", "failed"]
-    reference: str = ""
-    error: str = ""
-    attempts: int = 1
 
 
 class Ledger(msgspec.Struct, kw_only=True, frozen=True):

@@ -8,7 +8,8 @@ store and acknowledges the outcome to the owning actor.  :func:`run_connectors` 
 
 from __future__ import annotations
 
-from caresync.connectors.acks import ACK_COMMAND, DownstreamAck, ack_id, owner_kind
+from caresync.codecs.downstream import DownstreamAck
+from caresync.connectors.acks import ACK_COMMAND, ack_id, owner_kind
 from caresync.connectors.downstream import (
     IDEMPOTENCY_HEADER,
     Delivery,

@@ -11,33 +11,13 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
-import msgspec
-
 from caresync.codecs import Envelope, Subjects, WireFormat, encode_envelope, make_envelope
+from caresync.codecs.downstream import DownstreamAck
 from caresync.codecs.envelope import MAX_ID_LENGTH
 from caresync.router.transport import Outbound
 
 ACK_COMMAND = "downstream_ack"
 _SOURCE_PREFIX = "caresync/"
-
-
-class DownstreamAck(msgspec.Struct, kw_only=True, frozen=True):
-    """Payload of ``<owner kind>.downstream_ack``: what became of one effect downstream.
-
-    Wire schema: unknown fields are ignored, new fields get defaults and go last.
-    """
-
-    effect_key: str
-    system: str
-    operation: str
-    outcome: str
-    """``created``, ``duplicate`` (the system had it already) or ``failed`` (given up)."""
-    reference: str = ""
-    """The system's reference for what it created; empty when it failed."""
-    error: str = ""
-    """Why it failed (the last error); empty on success."""
-    attempts: int = 0
-    """Calls made for this effect, over all its deliveries."""
 
 
 def owner_kind(effect: Envelope, system: str) -> str:

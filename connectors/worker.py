@@ -26,8 +26,9 @@ from nats.aio.client import Client as NatsClient
 from nats.js import api
 
 from caresync.codecs import CodecError, ContractError, Envelope, Subjects, decode_envelope
+from caresync.codecs.downstream import AckOutcome, DownstreamAck
 from caresync.config.schema import ConnectorConfig
-from caresync.connectors.acks import DownstreamAck, ack_message, owner_kind
+from caresync.connectors.acks import ack_message, owner_kind
 from caresync.connectors.downstream import Downstream
 from caresync.connectors.errors import ConnectorSetupError, PermanentError, TransientError
 from caresync.router.jetstream import JetStreamConsumer, JetStreamTransport
@@ -199,7 +200,7 @@ class ConnectorWorker:
             await anyio.sleep(delay_s)
 
     async def _finish(
-        self, effect: Envelope, outcome: str, *, reference: str = "", error: str = ""
+        self, effect: Envelope, outcome: AckOutcome, *, reference: str = "", error: str = ""
     ) -> DownstreamAck:
         """Record the last attempt and count it; the acknowledgement to send."""
         n = await self._record(effect, outcome, error=error, reference=reference)
