@@ -39,6 +39,16 @@ class RefDataCatalog:
         """(effective_from_ns, version, data), sorted."""
         self._starts: list[tuple[int, int]] = []
         self._versions: set[int] = set()
+        self.followed = 0
+        """Highest refdata stream sequence the follower has handled (0 before it runs)."""
+        self._advanced: anyio.Event | None = None
+
+    def followed_to(self, seq: int) -> None:
+        """The follower has handled the stream through ``seq`` (wakes :meth:`wait_current`)."""
+        self.followed = max(self.followed, seq)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
 
     @property
     def latest_version(self) -> int:
@@ -71,6 +81,26 @@ class RefDataCatalog:
     def latest(self) -> RefData:
         """The version that took effect last (the empty reference data if none)."""
         return self._entries[-1][2] if self._entries else _EMPTY
+
+    async def wait_current(
+        self, transport: Transport, stream: str, *, timeout_s: float = 5.0
+    ) -> None:
+        """Return once every version stored in ``stream`` until now is known.
+
+        The router calls it before deciding a batch: a command stored after a load must be
+        decided with that load live as well as in a replay, however late the follower is.
+        Past ``timeout_s`` (follower stalled) it logs and returns rather than stop the router.
+        """
+        target = await transport.last_seq(stream)
+        if self.followed >= target:
+            return
+        with anyio.move_on_after(timeout_s):
+            while self.followed < target:
+                if self._advanced is None:
+                    self._advanced = anyio.Event()
+                await self._advanced.wait()
+            return
+        log.warning("refdata_behind", stream=stream, followed=self.followed, stream_seq=target)
 
     async def restore(self, store: Store) -> int:
         """Add every version kept in the store; returns how many were new."""
@@ -114,6 +144,7 @@ class RefDataCatalog:
                 store_version=self.latest_version,
             )
         follower = _Follower(self, transport, store, stream, poll_timeout_s)
+        self.followed = max(self.followed, follower.seen)
         try:
             while follower.seen < target:
                 await follower.step()
@@ -182,6 +213,7 @@ class _Follower:
             # Not something `caresync refdata load` sends; skip it rather than stop the router.
             log.error("refdata_message_unreadable", seq=message.seq, error=exc.reason)
             self.seen = message.seq
+            self._catalog.followed_to(message.seq)
             return
         effective_from_ns = message.timestamp_ns or _loaded_at_ns(dataset)
         await self._store.save_refdata_version(message.seq, effective_from_ns, message.data)
@@ -193,6 +225,7 @@ class _Follower:
                 **dataset.counts(),
             )
         self.seen = message.seq
+        self._catalog.followed_to(message.seq)
 
     async def reset(self) -> None:
         """Close the reader; the next step opens a new one after the last version seen."""

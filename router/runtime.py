@@ -7,7 +7,7 @@ in-memory transport.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ class Router:
         subjects: Subjects,
         settings: RouterSettings | None = None,
         refdata: Callable[[int], Any] | None = None,
+        refdata_barrier: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings or RouterSettings()
         self.subjects = subjects
@@ -89,6 +90,7 @@ class Router:
                 publisher=self.publisher,
                 settings=self.settings.worker,
                 refdata=refdata,
+                refdata_barrier=refdata_barrier,
             )
             for p in range(subjects.partitions)
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import anyio
@@ -103,6 +104,9 @@ class RouterService:
                     subjects=self.subjects,
                     settings=RouterSettings.from_config(cfg),
                     refdata=catalog.at,
+                    refdata_barrier=functools.partial(
+                        catalog.wait_current, transport, self.subjects.refdata_stream
+                    ),
                 )
                 self.router = router
                 control = ControlResponder(nc, router, store, self.registry, self.subjects)

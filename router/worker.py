@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Set
+from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,7 @@ class PartitionWorker:
         publisher: Publisher,
         settings: WorkerSettings,
         refdata: Callable[[int], Any] | None = None,
+        refdata_barrier: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.stream = stream
         self.consumer_name = consumer_name
@@ -137,6 +138,7 @@ class PartitionWorker:
         self._publisher = publisher
         self._settings = settings
         self._decoder = CommandDecoder(registry, subjects, refdata)
+        self._refdata_barrier = refdata_barrier
         self._state_decoders = {
             name: msgspec.msgpack.Decoder(kind.state_type) for name, kind in registry.kinds.items()
         }
@@ -291,6 +293,8 @@ class PartitionWorker:
         stats.last_seq = batch[-1].seq
         write.offsets[self.stream] = batch[-1].seq
         now = time.time()
+        if self._refdata_barrier is not None:
+            await self._refdata_barrier()
         prepared: list[Prepared] = []
         missing: set[tuple[str, str]] = set()
         for message in batch:

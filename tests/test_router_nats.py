@@ -23,10 +23,12 @@ from harness import (
     wait_for,
 )
 from nats.aio.client import Client as NatsClient
+from workflow_network import demo_refdata
 
 from caresync.actors import Accepted, EntityKind, Registry, default_registry
 from caresync.actors.appointment import AppointmentState
 from caresync.codecs import encode_envelope, make_envelope
+from caresync.codecs.refdata import encode_refdata_set
 from caresync.config import Config
 from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild
@@ -368,3 +370,26 @@ async def test_rebuild_from_the_streams_alone_sends_nothing_again(
     # every internal and downstream effect, all recognised as sent
     oracle = expected(appointment_workload(unique_prefix, appointments=appointments))
     assert counts["outbox_sent"] == oracle.internal + oracle.downstream
+
+
+async def test_a_command_stored_after_a_load_is_decided_with_that_load(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    # Live and replay must agree: the router waits for its reference-data follower before a
+    # batch, so a booking published right after a load reserves that load's card.
+    cfg = make_config(unique_prefix)
+    book = appointment_workload(unique_prefix, appointments=1)[0]
+    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        js = nc.jetstream()
+        await js.publish(
+            service.subjects.refdata_subject, encode_refdata_set(demo_refdata().dataset)
+        )
+        await js.publish(book.subject, book.data)
+
+        async def booked() -> bool:
+            return stats(service)["accepted"] >= 1
+
+        await wait_for(booked, what="the booking")
+    states = await appointment_states(cfg, tmp_path)
+    reserved = [(r.item_id, r.quantity) for r in states["A0"].plan.reservations]
+    assert reserved == [("gauze", 4), ("knee-kit", 1)]
