@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from caresync.actors import appointment, billing, erp, item, supply, visit
+from caresync.actors import appointment, billing, erp, item, procedure, supply, visit
 from caresync.actors.contract import (
     Accepted,
     ActorRef,
@@ -20,7 +20,15 @@ from caresync.actors.contract import (
 
 def default_registry() -> Registry:
     """The entity kinds a standard caresync router hosts."""
-    return Registry.of(appointment.KIND, billing.KIND, supply.KIND, erp.KIND, item.KIND, visit.KIND)
+    return Registry.of(
+        appointment.KIND,
+        procedure.KIND,
+        billing.KIND,
+        supply.KIND,
+        erp.KIND,
+        item.KIND,
+        visit.KIND,
+    )
 
 
 __all__ = [

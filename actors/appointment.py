@@ -314,7 +314,43 @@ def _effects(
                 payload={"appointment_id": after.id},
             )
         )
+    old_views = _procedure_views(before, command.refdata)
+    new_views = _procedure_views(after, command.refdata)
+    for code in sorted(set(old_views) | set(new_views)):
+        view = new_views.get(code) or {**old_views[code], "status": "removed"}
+        if view != old_views.get(code):
+            effects.append(
+                Effect(
+                    target=ActorRef("procedure", f"{after.id}#{code}"),
+                    name="update",
+                    key=f"{command.key}:procedure:{code}",
+                    payload=view,
+                )
+            )
     return tuple(effects)
+
+
+def _procedure_views(state: AppointmentState, refdata: Any) -> dict[str, dict[str, Any]]:
+    """Each procedure as its actor records it: card used, status, charges under its code."""
+    details = state.details
+    if details is None:
+        return {}
+    views: dict[str, dict[str, Any]] = {}
+    for proc in details.procedures:
+        provider = proc.provider_id or (details.providers[0] if details.providers else "")
+        card = _card(refdata, proc, details.providers)
+        general = refdata.preference_card(proc.code, None) if refdata is not None else ()
+        source = "none" if not card else "provider" if provider and card != general else "general"
+        views[proc.code] = {
+            "appointment_id": state.id,
+            "code": proc.code,
+            "provider_id": provider,
+            "card_source": source,
+            "card": [{"item_id": i, "quantity": q} for i, q in card],
+            "status": state.status,
+            "charges": [msgspec.to_builtins(c) for c in state.charges if c.code == proc.code],
+        }
+    return views
 
 
 def _demand(plan: Plan) -> tuple[dict[str, Any], ...]:

@@ -120,6 +120,7 @@ def test_a_booking_sends_its_plan_to_each_owner_keyed_by_the_command() -> None:
         (ActorRef("erp", "MAIN"), "demand", "A1/c1:erp:MAIN"),
         (ActorRef("billing", "A1"), "update", "A1/c1:billing"),
         (ActorRef("visit", "V1"), "link", "A1/c1:visit"),
+        (ActorRef("procedure", "A1#27447"), "update", "A1/c1:procedure:27447"),
     ]
     # Each payload is a valid command of its target.
     for effect in decision.effects:
@@ -165,11 +166,13 @@ def test_rebooking_a_cancelled_appointment_is_accepted_and_plans_again() -> None
         ("gauze", 4),
         ("knee-kit", 1),
     ]
-    # Nothing is left at MAIN to take back: only the new facility and billing hear of it.
+    # Nothing is left at MAIN to take back: only the new facility, billing and the
+    # procedure (booked again) hear of it.
     assert [e.target for e in decision.effects] == [
         ActorRef("supply", "NORTH"),
         ActorRef("erp", "NORTH"),
         ActorRef("billing", "A1"),
+        ActorRef("procedure", "A1#27447"),
     ]
 
 
@@ -466,6 +469,14 @@ def test_registry_rejects_duplicate_kind_names() -> None:
 
 def test_default_registry_hosts_the_kinds() -> None:
     registry = default_registry()
-    assert set(registry.kinds) == {"appointment", "billing", "supply", "erp", "item", "visit"}
+    assert set(registry.kinds) == {
+        "appointment",
+        "procedure",
+        "billing",
+        "supply",
+        "erp",
+        "item",
+        "visit",
+    }
     assert "supply" in registry
     assert registry.get("nosuch") is None

@@ -83,17 +83,17 @@ class Fanout:
         return Fanout(self.accepted * n, self.internal * n, self.downstream * n)
 
 
-# book: appointment → supply (plan), erp (demand), billing (update); supply → one item actor
-# per card line (reserve) and a supply reservation each; erp → a demand line per item;
-# billing → readiness.
-BOOK = Fanout(accepted=1 + 3 + len(CARD), internal=3 + len(CARD), downstream=2 * len(CARD) + 1)
+# book: appointment → supply (plan), erp (demand), billing (update), its procedure (update);
+# supply → one item actor per card line (reserve) and a supply reservation each; erp → a
+# demand line per item; billing → readiness.
+BOOK = Fanout(accepted=1 + 4 + len(CARD), internal=4 + len(CARD), downstream=2 * len(CARD) + 1)
 # Another day at the same facility: reservations and billing view unchanged, so only ERP hears
 # of it, and moves each demand line (minus on the old day, plus on the new).
 RESCHEDULE = Fanout(accepted=1 + 1, internal=1, downstream=2 * len(CARD))
 # A procedure charge line (no supply charge code): nothing consumed, the case is performed, so
 # what stayed reserved is released (supply → each item actor, a negative reservation each) and
-# its demand reversed; billing is told of the new line.
-CHARGES = Fanout(accepted=1 + 3 + len(CARD), internal=3 + len(CARD), downstream=2 * len(CARD) + 1)
+# its demand reversed; billing is told of the new line, the procedure that it was performed.
+CHARGES = Fanout(accepted=1 + 4 + len(CARD), internal=4 + len(CARD), downstream=2 * len(CARD) + 1)
 LIFECYCLE = BOOK + RESCHEDULE * 3 + CHARGES
 
 
@@ -401,9 +401,10 @@ def expected_internal(cid: str, name: str, facility: str, moved_to: str = "") ->
     def items(f: str, op: str) -> list[str]:
         return [f"{f}/{cid}:supply:{f}:{item}:{op}" for item in CARD]
 
+    procedure = f"{cid}:procedure:27447"
     if name == "book":
         keys = [f"{cid}:supply:{facility}", f"{cid}:erp:{facility}", f"{cid}:billing"]
-        return keys + items(facility, "reserve")
+        return [*keys, procedure, *items(facility, "reserve")]
     if name == "reschedule" and moved_to:
         return (
             [f"{cid}:{owner}:{f}" for f in (facility, moved_to) for owner in ("supply", "erp")]
@@ -415,7 +416,7 @@ def expected_internal(cid: str, name: str, facility: str, moved_to: str = "") ->
     # cancelled, or performed: what is still reserved is released
     assert name in ("cancel", "post_charges")
     keys = [f"{cid}:supply:{facility}", f"{cid}:erp:{facility}", f"{cid}:billing"]
-    return keys + items(facility, "release")
+    return [*keys, procedure, *items(facility, "release")]
 
 
 async def test_each_accepted_command_fans_out_exactly_once_with_deterministic_keys(

@@ -141,6 +141,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "item.reserve": {"appointment_id": "A1", "quantity": 12},  # crosses: orders PO:gauze@F1:1
     "item.release": {"appointment_id": "A1"},
+    "procedure.update": {
+        "appointment_id": "E1",
+        "code": "27447",
+        "provider_id": "DR-WHO",
+        "card_source": "provider",
+        "card": [{"item_id": "gauze", "quantity": 6}],
+        "status": "booked",
+        "charges": [{"line_id": "L1", "code": "27447", "amount": "900"}],
+    },
     "item.return_stock": {"appointment_id": "A1", "quantity": 1},
     "item.consume": {"appointment_id": "A1", "quantity": 3, "line_id": "L1"},
     "item.po_acknowledged": {"po_id": "PO:gauze@F1:1", "reference": "PO-000001"},
@@ -176,7 +185,13 @@ def test_command_payloads_round_trip(name: str, payload_type: type[Any], fmt: st
     assert module.decode(extended, type=payload_type) == value
 
 
-ENTITIES = {"supply": "F1", "erp": "F1", "item": "gauze@F1", "visit": "V1"}
+ENTITIES = {
+    "supply": "F1",
+    "erp": "F1",
+    "item": "gauze@F1",
+    "visit": "V1",
+    "procedure": "E1#27447",
+}
 """The entity each kind's samples are addressed to (appointment and billing: ``E1``)."""
 
 

@@ -328,3 +328,31 @@ def test_ledger_references_are_capped() -> None:
     assert len(ledger.references) == MAX_REFERENCES
     assert ledger.references[f"k{3 * MAX_REFERENCES - 1}"] == f"R{3 * MAX_REFERENCES - 1}"
     assert (ledger.wanted, ledger.acked, ledger.state) == (60, 60, "in_sync")
+
+
+def test_each_procedure_records_its_card_and_its_charges() -> None:
+    net = Network()
+    book(net, procedures=[{"code": "27447", "provider_id": "DR-WHO"}, {"code": "66984"}])
+    knee = net.state("procedure", "A1#27447")
+    assert (knee.view.card_source, knee.view.provider_id) == ("provider", "DR-WHO")
+    assert [(c.item_id, c.quantity) for c in knee.view.card] == [("gauze", 6)]
+    assert net.state("procedure", "A1#66984").view.card_source == "general"
+    assert not knee.performed
+    net.send(
+        "appointment",
+        "A1",
+        "post_charges",
+        {"lines": [{"line_id": "L1", "code": "27447", "amount": "5000.00"}]},
+        id="dft-1",
+    )
+    knee = net.state("procedure", "A1#27447")
+    assert knee.performed
+    assert knee.view.status == "completed"
+    assert [c.line_id for c in knee.view.charges] == ["L1"]
+    assert net.state("procedure", "A1#66984").view.charges == ()
+    # a procedure taken off the case by a modification is recorded as removed
+    net2 = Network()
+    book(net2, procedures=[{"code": "27447"}, {"code": "99999"}])
+    assert net2.state("procedure", "A1#99999").view.card_source == "none"
+    net2.send("appointment", "A1", "modify", {"procedures": [{"code": "27447"}]}, id="m1")
+    assert net2.state("procedure", "A1#99999").view.status == "removed"
