@@ -84,6 +84,10 @@ def _say(text: str) -> None:
 async def run_bench(args: argparse.Namespace, ctx: Any) -> int:
     """The ``caresync bench`` command (``ctx`` is unused: the router runs on defaults + env)."""
     command_line = shlex.join(["caresync", *sys.argv[1:]]) if sys.argv[1:] else "caresync bench"
+    if getattr(args, "workload", "fanout") == "workflow":
+        from caresync.bench import workflow
+
+        return await workflow.run(workflow.options(args, command_line))
     return await run(Options.from_args(args, command_line))
 
 
@@ -295,10 +299,19 @@ def _internal(subjects: Subjects, partition: int) -> str:
     return f"{subjects.prefix}.part.{partition}.int.>"
 
 
+async def run_bench_args(args: argparse.Namespace, command_line: str) -> int:
+    """Dispatch on the workload (``fanout`` or ``workflow``)."""
+    if args.workload == "workflow":
+        from caresync.bench import workflow
+
+        return await workflow.run(workflow.options(args, command_line))
+    return await run(Options.from_args(args, command_line))
+
+
 def main() -> None:
     """``python -m caresync.bench.cli [fanout] [options]`` (run it outside the repository)."""
     parser = argparse.ArgumentParser(prog="python -m caresync.bench.cli")
-    parser.add_argument("workload", nargs="?", default="fanout", choices=["fanout"])
+    parser.add_argument("workload", nargs="?", default="fanout", choices=["fanout", "workflow"])
     parser.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
     parser.add_argument("--m", type=int, default=2_000, help="appointment keys (default 2000)")
     parser.add_argument(
@@ -313,7 +326,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the deployment's files")
     args = parser.parse_args()
     command_line = shlex.join(["python", "-m", "caresync.bench.cli", *sys.argv[1:]])
-    sys.exit(anyio.run(run, Options.from_args(args, command_line), backend="asyncio"))
+    sys.exit(anyio.run(run_bench_args, args, command_line, backend="asyncio"))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_pure_model_fans_out_per_command_kind(tmp_path: Path) -> None:
         "billing.update": 1,
         "erp.demand": 1,
         "item.reserve": 3,
+        "procedure.update": 1,
         "supply.plan": 1,
     }
     for end in ("complete", "cancel"):
@@ -68,9 +69,10 @@ def test_pure_model_fans_out_per_command_kind(tmp_path: Path) -> None:
             "billing.update": 1,
             "erp.demand": 1,
             "item.release": 3,
+            "procedure.update": 1,
             "supply.plan": 1,
         }
-        assert kinds[end]["from_appointment"] == 3
+        assert kinds[end]["from_appointment"] == 4
     assert set(kinds["reschedule"]["by_target"]) == {"erp.demand"}  # unless the date is the same
     assert 0.9 < kinds["reschedule"]["internal"] <= 1
 
@@ -103,3 +105,35 @@ def test_bench_fanout_quick_json(tmp_path: Path) -> None:
     assert doc["checks"]["missing"] == 0
     assert doc["checks"]["internal_in_stream"] == doc["checks"]["internal_expected"] > 0
     assert doc["checks"]["stock_commands"] > 0
+
+
+def test_bench_workflow_quick_json(tmp_path: Path) -> None:
+    """Connectors and simulators on: figures present, every check true (no timing asserts)."""
+    try:
+        result = subprocess.run(
+            [*_caresync(), "bench", "workflow", "--quick", "--json", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"bench did not finish in 120 s; stderr:\n{exc.stderr!r}")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    for name in (
+        "events_per_s",
+        "raw_commands_per_s",
+        "ratio",
+        "latency_p50_ms",
+        "latency_p99_ms",
+    ):
+        assert isinstance(doc[name], int | float), name
+        assert doc[name] > 0, name
+    assert doc["checks_ok"] is True, doc["check_results"]
+    assert all(doc["check_results"].values()), doc["check_results"]
+    checks = doc["checks"]
+    assert checks["sim_purchase_orders"] == checks["item_crossings"] > 0
+    assert checks["sim_duplicate_records"] == 0
+    assert checks["calls_failed"] == checks["ledger_failed"] == 0
+    assert doc["conditions"]["appointments"] == 300
