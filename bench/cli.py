@@ -15,28 +15,23 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-import nats
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from caresync.bench import fanout as fo
 from caresync.bench import report
+from caresync.bench.deployment import measure, say
 from caresync.bench.expected import PureRouter, combine, fanout_by_kind, run_pure
-from caresync.bench.raw_loop import run_raw
 from caresync.bench.refdata import read_back, write_csv
-from caresync.bench.report import IN_FLIGHT
 from caresync.bench.workload import SEED, Workload, build_workload
 from caresync.cli.refdata import stock_commands
-from caresync.cli.up import mappings_config
 from caresync.codecs import Subjects
 from caresync.config import Config, load_config
 from caresync.router.embedded import EmbeddedNats
@@ -77,8 +72,7 @@ class Options:
         )
 
 
-def _say(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
+_say = say
 
 
 async def run_bench(args: argparse.Namespace, ctx: Any) -> int:
@@ -129,39 +123,22 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
         subjects=subjects,
     )
     info = report.machine()
-    tmp = Path(tempfile.mkdtemp(prefix="caresync-bench-", dir=opts.base_dir))
-    ok = False
-    try:
-        async with EmbeddedNats(tmp / "nats", extra_config=mappings_config(subjects)) as server:
-            nc = await nats.connect(server.url, name="caresync-bench", pending_size=64 << 20)
-            try:
-                js = nc.jetstream(publish_async_max_pending=IN_FLIGHT)
-                cs = await _caresync(nc, js, server, tmp, env, cfg, opts, workload, latency)
-                moves = cs["model"].internal_sent
-                _say(
-                    f"caresync {workload.n / cs['elapsed_s']:.0f} commands/s; raw loop next "
-                    f"({moves} moves, {moves / workload.n:.3f} per command)"
-                )
-                raw = await run_raw(
-                    server.url,
-                    js,
-                    workload,
-                    moves=moves,
-                    workdir=tmp,
-                    server_pid=server.pid,
-                    batch=cfg.router.batch_size,
-                    batches_in_flight=cfg.router.batches_in_flight,
-                    expires_s=cfg.router.pull_expires_ms / 1000,
-                    deadline_s=cs["deadline_s"],
-                )
-            finally:
-                await nc.close()
-        ok = True
-    finally:
-        if ok and not opts.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _say(f"data and logs kept in {tmp}")
+
+    async def caresync_phase(
+        nc: NatsClient, js: JetStreamContext, server: EmbeddedNats, tmp: Path
+    ) -> dict[str, Any]:
+        cs = await _caresync(nc, js, server, tmp, env, cfg, opts, workload, latency)
+        return {**cs, "moves": cs["model"].internal_sent}
+
+    cs, raw = await measure(
+        cfg=cfg,
+        workload=workload,
+        caresync_phase=caresync_phase,
+        unit="commands/s",
+        prefix="caresync-bench-",
+        base_dir=opts.base_dir,
+        keep=opts.keep,
+    )
     return report.build_result(opts.seed, opts.command_line, cfg, info, workload, cs, raw)
 
 

@@ -25,10 +25,8 @@ failed effect (connector calls and ledgers), nothing rejected, dead-lettered or 
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +35,6 @@ from typing import Any
 
 import anyio
 import msgspec
-import nats
 import orjson
 from anyio.abc import Process
 from nats.aio.client import Client as NatsClient
@@ -46,10 +43,9 @@ from nats.js import JetStreamContext
 from caresync.actors import billing, erp, item, supply
 from caresync.bench import fanout as fo
 from caresync.bench import report
-from caresync.bench.raw_loop import run_raw
+from caresync.bench.deployment import measure, say
 from caresync.bench.workflow_data import build_workflow, write_csv
 from caresync.bench.workload import Workload
-from caresync.cli.up import mappings_config
 from caresync.codecs import Subjects, decode_envelope
 from caresync.config import Config, load_config
 from caresync.router.embedded import EmbeddedNats
@@ -99,8 +95,7 @@ def options(args: Any, command_line: str) -> Options:
     )
 
 
-def _say(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
+_say = say
 
 
 def router_environment(base: Mapping[str, str]) -> dict[str, str]:
@@ -360,39 +355,21 @@ async def run_workflow(opts: Options) -> dict[str, Any]:
         opts.latency_appointments, seed=opts.seed + 1, prefix="wl-", subjects=subjects
     )
     info = report.machine()
-    tmp = Path(tempfile.mkdtemp(prefix="caresync-bench-wf-", dir=opts.base_dir))
-    ok = False
-    try:
-        async with EmbeddedNats(tmp / "nats", extra_config=mappings_config(subjects)) as server:
-            nc = await nats.connect(server.url, name="caresync-bench", pending_size=64 << 20)
-            try:
-                js = nc.jetstream(publish_async_max_pending=report.IN_FLIGHT)
-                cs = await _caresync(nc, js, server, tmp, env, cfg, opts, workload, latency)
-                moves = cs["moves"]
-                _say(
-                    f"caresync {workload.n / cs['elapsed_s']:.0f} events/s; raw loop next "
-                    f"({moves} moves, {moves / workload.n:.3f} per command)"
-                )
-                raw = await run_raw(
-                    server.url,
-                    js,
-                    workload,
-                    moves=moves,
-                    workdir=tmp,
-                    server_pid=server.pid,
-                    batch=cfg.router.batch_size,
-                    batches_in_flight=cfg.router.batches_in_flight,
-                    expires_s=cfg.router.pull_expires_ms / 1000,
-                    deadline_s=cs["deadline_s"],
-                )
-            finally:
-                await nc.close()
-        ok = True
-    finally:
-        if ok and not opts.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _say(f"data and logs kept in {tmp}")
+
+    async def caresync_phase(
+        nc: NatsClient, js: JetStreamContext, server: EmbeddedNats, tmp: Path
+    ) -> dict[str, Any]:
+        return await _caresync(nc, js, server, tmp, env, cfg, opts, workload, latency)
+
+    cs, raw = await measure(
+        cfg=cfg,
+        workload=workload,
+        caresync_phase=caresync_phase,
+        unit="events/s",
+        prefix="caresync-bench-wf-",
+        base_dir=opts.base_dir,
+        keep=opts.keep,
+    )
     return build_result(opts, cfg, info, workload, cs, raw)
 
 
