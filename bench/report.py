@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -144,10 +144,21 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("router settings", _fmt(c["router"])),
         ("durability", c["durability"]),
         ("processes", c["processes"]),
+        *measured_rows(m, f, rate_label="caresync commands/s", latency=LATENCY_DEFINITION),
+        ("exactly_once", _fmt(f["exactly_once"])),
+        ("  checks", _fmt(result["checks"])),
+    ]
+
+
+def measured_rows(
+    m: Mapping[str, Any], f: Mapping[str, Any], *, rate_label: str, latency: str
+) -> list[tuple[str, str]]:
+    """The rows every benchmark shares: machine, caresync and raw-loop figures, latency."""
+    return [
         ("machine", f"{m['platform']}; {m['cpu']}; {m['cores']} cores"),
         ("software", f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}"),
         ("load average before", m["loadavg_before"]),
-        ("caresync commands/s", _fmt(f["caresync_commands_per_s"])),
+        (rate_label, _fmt(f["caresync_commands_per_s"])),
         ("  end-to-end s / publish s", f"{f['caresync_s']:.2f} / {f['caresync_publish_s']:.2f}"),
         ("  cores used", _fmt(f["caresync_cpu_cores"])),
         ("raw loop commands/s", _fmt(f["raw_commands_per_s"])),
@@ -155,10 +166,8 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("  cores used", _fmt(f["raw_cpu_cores"])),
         ("ratio caresync / raw", f"{f['ratio']:.3f}"),
         ("latency p50 / p99 ms", f"{f['latency_p50_ms']:.1f} / {f['latency_p99_ms']:.1f}"),
-        ("  latency defined as", f"{LATENCY_DEFINITION} ({f['latency_rate_per_s']:.0f}/s)"),
+        ("  latency defined as", f"{latency} ({f['latency_rate_per_s']:.0f}/s)"),
         ("  latency commands / max ms", f"{f['latency_n']} / {f['latency_max_ms']:.1f}"),
-        ("exactly_once", _fmt(f["exactly_once"])),
-        ("  checks", _fmt(result["checks"])),
     ]
 
 
@@ -180,9 +189,12 @@ def _kind_text(row: Mapping[str, Any]) -> str:
     )
 
 
-def table(result: Mapping[str, Any]) -> str:
+RowsOf = Callable[[Mapping[str, Any]], list[tuple[str, str]]]
+
+
+def table(result: Mapping[str, Any], rows_of: RowsOf | None = None) -> str:
     """The figures as an aligned two-column text table."""
-    body = rows(result)
+    body = (rows_of or rows)(result)
     width = max(len(label) for label, _ in body)
     lines = [f"caresync bench {result['conditions']['workload']}  ({result['date']})"]
     lines += [f"  {label.ljust(width)}  {value}" for label, value in body]
@@ -195,9 +207,14 @@ def as_json(result: Mapping[str, Any]) -> str:
     return orjson.dumps(doc).decode()
 
 
-def append_results(result: Mapping[str, Any], command_line: str, path: Path = RESULTS_PATH) -> None:
+def append_results(
+    result: Mapping[str, Any],
+    command_line: str,
+    path: Path = RESULTS_PATH,
+    rows_of: RowsOf | None = None,
+) -> None:
     """Append a dated section with the command line, machine, conditions and figures."""
-    body = rows(result)
+    body = (rows_of or rows)(result)
     lines = [
         "",
         f"## {result['date']} — `{command_line}`",

@@ -123,7 +123,7 @@ async def run(opts: Options) -> int:
             print(orjson.dumps({"error": str(exc), "checks_ok": False}).decode())
         print(f"caresync bench: {exc}", file=sys.stderr)
         return 1
-    print(as_json(result) if opts.json else table(result), flush=True)
+    print(report.as_json(result) if opts.json else table(result), flush=True)
     if opts.write_results:
         append_results(result, opts.command_line)
         _say(f"appended to {report.RESULTS_PATH}")
@@ -620,19 +620,7 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("router settings", fmt(c["router"])),
         ("durability", c["durability"]),
         ("processes", c["processes"]),
-        ("machine", f"{m['platform']}; {m['cpu']}; {m['cores']} cores"),
-        ("software", f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}"),
-        ("load average before", m["loadavg_before"]),
-        ("caresync events/s", fmt(f["events_per_s"])),
-        ("  end-to-end s / publish s", f"{f['caresync_s']:.2f} / {f['caresync_publish_s']:.2f}"),
-        ("  cores used", fmt(f["caresync_cpu_cores"])),
-        ("raw loop commands/s", fmt(f["raw_commands_per_s"])),
-        ("  end-to-end s / publish s", f"{f['raw_s']:.2f} / {f['raw_publish_s']:.2f}"),
-        ("  cores used", fmt(f["raw_cpu_cores"])),
-        ("ratio caresync / raw", f"{f['ratio']:.3f}"),
-        ("latency p50 / p99 ms", f"{f['latency_p50_ms']:.1f} / {f['latency_p99_ms']:.1f}"),
-        ("  latency defined as", f"{LATENCY_DEFINITION} ({f['latency_rate_per_s']:.0f}/s)"),
-        ("  latency commands / max ms", f"{f['latency_n']} / {f['latency_max_ms']:.1f}"),
+        *report.measured_rows(m, f, rate_label="caresync events/s", latency=LATENCY_DEFINITION),
         ("checks_ok", fmt(f["checks_ok"])),
         ("  check results", fmt(result["check_results"])),
         ("  counts", fmt(result["checks"])),
@@ -641,31 +629,11 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def table(result: Mapping[str, Any]) -> str:
     """The figures as an aligned two-column text table."""
-    body = rows(result)
-    width = max(len(label) for label, _ in body)
-    lines = [f"caresync bench workflow  ({result['date']})"]
-    lines += [f"  {label.ljust(width)}  {value}" for label, value in body]
-    return "\n".join(lines)
-
-
-def as_json(result: Mapping[str, Any]) -> str:
-    """One JSON object: the figures at the top level, the rest nested."""
-    doc = {**result["figures"], **{k: v for k, v in result.items() if k != "figures"}}
-    return orjson.dumps(doc).decode()
+    return report.table(result, rows)
 
 
 def append_results(
     result: Mapping[str, Any], command_line: str, path: Path = report.RESULTS_PATH
 ) -> None:
     """Append a dated section to RESULTS.md, in the fan-out sections' format."""
-    lines = [
-        "",
-        f"## {result['date']} — `{command_line}`",
-        "",
-        "| | |",
-        "|---|---|",
-        *(f"| {label.strip()} | {value.replace('|', '/')} |" for label, value in rows(result)),
-        "",
-    ]
-    with path.open("a") as f:
-        f.write("\n".join(lines))
+    report.append_results(result, command_line, path, rows)
