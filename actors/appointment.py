@@ -127,7 +127,20 @@ def decide(state: AppointmentState, command: Command[Any]) -> Accepted[Event] | 
     if (scheduling or isinstance(p, CloseAppointment)) and _stale(state, at):
         return Accepted(events=(Superseded(occurred_at=at),))
     event: Event
-    if isinstance(p, BookAppointment):
+    if (
+        isinstance(p, BookAppointment)
+        and name == "sync"
+        and state.status in ("booked", "completed")
+    ):
+        # A source that sends the whole appointment (FHIR) each time: an update of the booking;
+        # once performed (charges posted) the case is what it was.
+        if state.details == p or state.status == "completed":
+            return Accepted()
+        if not p.procedures:
+            return Rejected(f"update of {state.id} has no procedures")
+        local_date = p.start.date().isoformat()
+        event = Changed(details=p, occurred_at=at, local_date=local_date)
+    elif isinstance(p, BookAppointment):
         if state.status in ("booked", "completed", "deleted"):
             return Rejected(f"appointment {state.id} is {state.status}: cannot book it again")
         if not p.procedures:
@@ -184,10 +197,26 @@ def _changed(
             room=p.room or details.room,
             duration_min=p.duration_min or details.duration_min,
         )
+    deltas = ("procedures_added", "procedures_removed", "providers_added", "providers_removed")
     changes = {
-        name: value for name in p.__struct_fields__ if (value := getattr(p, name)) is not None
+        name: value
+        for name in p.__struct_fields__
+        if name not in deltas and (value := getattr(p, name)) is not None
     }
-    return replace(details, **changes)
+    changed = replace(details, **changes)
+    if p.procedures_added or p.procedures_removed:
+        added = {ref.code: ref for ref in p.procedures_added}
+        kept = tuple(
+            added.pop(ref.code, ref)
+            for ref in changed.procedures
+            if ref.code not in p.procedures_removed
+        )
+        changed = replace(changed, procedures=(*kept, *added.values()))
+    if p.providers_added or p.providers_removed:
+        providers = [x for x in changed.providers if x not in p.providers_removed]
+        providers += [x for x in p.providers_added if x not in providers]
+        changed = replace(changed, providers=tuple(providers))
+    return changed
 
 
 def _consumption(lines: tuple[ChargeLine, ...], refdata: Any) -> tuple[Line, ...]:
@@ -430,6 +459,7 @@ KIND: EntityKind[AppointmentState, Event] = EntityKind(
     state_type=AppointmentState,
     commands={
         "book": BookAppointment,
+        "sync": BookAppointment,
         "reschedule": RescheduleAppointment,
         "modify": ModifyAppointment,
         "cancel": CloseAppointment,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from caresync.actors.contract import Accepted, ActorRef, Command, Effect, EntityKind, Rejected
+from caresync.codecs.scheduling import RequestSupply
 
 POStatus = Literal["requested", "acknowledged", "received"]
 
@@ -106,6 +107,14 @@ class Ordered(msgspec.Struct, kw_only=True, frozen=True, tag="ordered"):
     supplier_id: str
 
 
+class Requested(msgspec.Struct, kw_only=True, frozen=True, tag="requested"):
+    """A requisition from a source system (FHIR SupplyRequest) became a purchase order."""
+
+    po_id: str
+    quantity: int
+    supplier_id: str = ""
+
+
 class Rearmed(msgspec.Struct, kw_only=True, frozen=True, tag="rearmed"):
     pass
 
@@ -127,6 +136,7 @@ Event = (
     | Consumed
     | Returned
     | Ordered
+    | Requested
     | Rearmed
     | Acknowledged
     | Received
@@ -240,6 +250,12 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
                 f"purchase order {p.po_id} has {po.open_quantity} open, cannot receive {quantity}"
             )
         events = [Received(po_id=p.po_id, quantity=quantity)]
+    elif isinstance(p, RequestSupply):
+        if p.quantity <= 0:
+            return Rejected(f"requisition {p.request_id} of {state.id}: quantity is not positive")
+        if _po(state, _request_po(state, p.request_id)) is not None:
+            return Accepted()  # the same requisition again: it already has its order
+        return _requisition(state, command, p)
     else:
         return Rejected(f"item does not handle {type(p).__name__}")
     after = apply_all(state, events)
@@ -289,6 +305,34 @@ def _replenish(state: ItemState, command: Command[Any]) -> tuple[list[Event], li
         },
     )
     return [ordered], [effect]
+
+
+def _request_po(state: ItemState, request_id: str) -> str:
+    return f"REQ:{state.id}:{request_id}"
+
+
+def _requisition(
+    state: ItemState, command: Command[Any], p: RequestSupply
+) -> Accepted[Event] | Rejected:
+    """A source system asked for stock: one purchase order keyed by the requisition."""
+    po_id = _request_po(state, p.request_id)
+    item = command.refdata.item(state.item_id) if command.refdata is not None else None
+    supplier_id = item.supplier_id if item is not None else ""
+    event = Requested(po_id=po_id, quantity=p.quantity, supplier_id=supplier_id)
+    effect = Effect(
+        target=ActorRef("erp", state.facility_id),
+        name="purchase_order",
+        key=f"req:{state.id}:{p.request_id}",
+        payload={
+            "po_id": po_id,
+            "facility_id": state.facility_id,
+            "item_id": state.item_id,
+            "supplier_id": supplier_id,
+            "quantity": p.quantity,
+            "unit_cost": str(item.unit_cost) if item is not None else "",
+        },
+    )
+    return Accepted(events=(event,), effects=(effect,))
 
 
 def _posting(state: ItemState, command: Command[Any], consumed: Consumed) -> Effect:
@@ -365,6 +409,11 @@ def evolve(state: ItemState, event: Event) -> ItemState:
             crossings=state.crossings + 1,
             armed=False,
         )
+    if isinstance(event, Requested):
+        po = PurchaseOrder(
+            po_id=event.po_id, quantity=event.quantity, supplier_id=event.supplier_id
+        )
+        return replace(state, purchase_orders=(*state.purchase_orders, po))
     if isinstance(event, Rearmed):
         return replace(state, armed=True)
     if isinstance(event, Acknowledged):
@@ -405,6 +454,7 @@ KIND: EntityKind[ItemState, Event] = EntityKind(
         "return_stock": ReturnStock,
         "po_acknowledged": POAcknowledged,
         "goods_received": GoodsReceived,
+        "request": RequestSupply,
     },
     initial=initial,
     decide=decide,

@@ -14,6 +14,22 @@ import msgspec
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
+class RequestSupply(msgspec.Struct, kw_only=True, frozen=True):
+    """``item.request``: a requisition for an item at a facility (FHIR SupplyRequest); ERP gets
+    one purchase order keyed by the request."""
+
+    request_id: str
+    quantity: int
+
+
+class ReceiveSupply(msgspec.Struct, kw_only=True, frozen=True):
+    """``item.goods_received`` as sources send it (FHIR SupplyDelivery): goods of a purchase
+    order arrived."""
+
+    po_id: str
+    quantity: int = 0
+
+
 class ProcedureRef(msgspec.Struct, kw_only=True, frozen=True):
     """A procedure of an appointment: its code (CPT-like) and, optionally, who performs it."""
 
@@ -56,6 +72,14 @@ class ModifyAppointment(msgspec.Struct, kw_only=True, frozen=True):
     duration_min: int | None = None
     patient_class: str | None = None
     payer_id: str | None = None
+    procedures_added: tuple[ProcedureRef, ...] = ()
+    """Procedures added to (or updated in) the appointment (HL7 AIS action code A or U)."""
+    procedures_removed: tuple[str, ...] = ()
+    """Codes of procedures taken off the appointment (HL7 AIS action code D)."""
+    providers_added: tuple[str, ...] = ()
+    """Providers added (HL7 AIP action code A or U)."""
+    providers_removed: tuple[str, ...] = ()
+    """Providers taken off (HL7 AIP action code D)."""
 
 
 class CloseAppointment(msgspec.Struct, kw_only=True, frozen=True):

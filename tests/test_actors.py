@@ -51,6 +51,7 @@ CLOSE = CloseAppointment(reason="patient request")
 CHARGES = PostCharges(lines=(ChargeLine(line_id="L1", code="27447", amount="5000.00"),))
 PAYLOADS: dict[str, Any] = {
     "book": BOOK,
+    "sync": BOOK,
     "reschedule": RescheduleAppointment(start=datetime(2027, 3, 20, 9, 0, tzinfo=UTC)),
     "modify": ModifyAppointment(room="OR-9", payer_id="STRICT"),
     "cancel": CLOSE,
@@ -195,7 +196,7 @@ RESCHEDULES: list[tuple[str, Any]] = [
 def test_appointment_effect_keys_are_deterministic_and_differ_between_commands(
     name: str, payload: Any
 ) -> None:
-    start = appointment.initial("A1") if name == "book" else booked()
+    start = appointment.initial("A1") if name in ("book", "sync") else booked()
 
     first = appointment.KIND.decide(start, cmd(name, payload, id="one"))
     again = appointment.KIND.decide(start, cmd(name, payload, id="one"))
@@ -480,3 +481,38 @@ def test_default_registry_hosts_the_kinds() -> None:
     }
     assert "supply" in registry
     assert registry.get("nosuch") is None
+
+
+def test_sync_books_then_updates_and_ignores_a_repeat() -> None:
+    """``appointment.sync`` is the upsert of sources that send the whole appointment (FHIR)."""
+    state, _ = accept(appointment.KIND, appointment.initial("A1"), cmd("sync", BOOK, id="s1"))
+    assert state.status == "booked" and state.details == BOOK
+    moved = msgspec.structs.replace(BOOK, start=datetime(2027, 3, 12, 9, 0, tzinfo=UTC))
+    later = T0 + timedelta(hours=1)
+    after, decision = accept(appointment.KIND, state, cmd("sync", moved, id="s2", at=later))
+    assert after.status == "booked" and after.details == moved and after.local_date == "2027-03-12"
+    assert decision.effects
+    repeat = appointment.KIND.decide(after, cmd("sync", moved, id="s3", at=later))
+    assert repeat == Accepted()
+
+
+def test_modify_applies_added_and_removed_procedures_and_providers() -> None:
+    book = msgspec.structs.replace(
+        BOOK,
+        procedures=(ProcedureRef(code="27447"), ProcedureRef(code="66984")),
+        providers=("DR-A", "DR-B"),
+    )
+    change = ModifyAppointment(
+        procedures_added=(ProcedureRef(code="27447", provider_id="DR-C"), ProcedureRef(code="X1")),
+        procedures_removed=("66984",),
+        providers_added=("DR-C", "DR-A"),
+        providers_removed=("DR-B",),
+        room="OR-2",
+    )
+    after, _ = accept(appointment.KIND, booked(book=book), cmd("modify", change, id="m1"))
+    assert after.details is not None
+    assert after.details.procedures == (
+        ProcedureRef(code="27447", provider_id="DR-C"),
+        ProcedureRef(code="X1"),
+    )
+    assert after.details.providers == ("DR-A", "DR-C") and after.details.room == "OR-2"

@@ -243,3 +243,23 @@ def test_random_walks_order_exactly_once_per_crossing() -> None:
             orders += placed
             assert placed <= 1, (seed, step)
             assert orders == expected == state.crossings, (seed, step, before, state)
+
+
+def test_a_requisition_orders_once_keyed_by_the_request_and_keeps_the_crossing_count() -> None:
+    from caresync.codecs.scheduling import RequestSupply
+
+    state = stocked(on_hand=40)
+    after, decision = run(state, "request", RequestSupply(request_id="SR-7", quantity=12))
+    orders = purchase_orders(decision)
+    assert [(e.key, e.payload["quantity"], e.payload["supplier_id"]) for e in orders] == [
+        (f"req:{KEY}:SR-7", 12, "SUP-1")
+    ]
+    assert after.on_order == 12 and after.crossings == state.crossings and after.armed
+    again, repeat = run(after, "request", RequestSupply(request_id="SR-7", quantity=12))
+    assert repeat.events == () and repeat.effects == () and again == after
+    # the order is received like any other
+    po_id = orders[0].payload["po_id"]
+    received, _ = run(again, "goods_received", GoodsReceived(po_id=po_id))
+    assert received.on_hand == 52 and received.on_order == 0
+    refused = item.decide(after, cmd("request", RequestSupply(request_id="SR-8", quantity=0)))
+    assert isinstance(refused, Rejected) and "SR-8" in refused.reason

@@ -30,6 +30,18 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "visit_number": "V1",
         "payer_id": "ACME",
     },
+    "appointment.sync": {
+        "procedures": [{"code": "27447", "provider_id": "DR-WHO"}, {"code": "66984"}],
+        "facility_id": "MAIN",
+        "start": "2026-12-02T07:30:00-05:00",
+        "duration_min": 90,
+        "room": "OR-1",
+        "providers": ["DR-WHO"],
+        "patient_class": "O",
+        "patient_id": "P1",
+        "visit_number": "V1",
+        "payer_id": "ACME",
+    },
     "appointment.reschedule": {
         "start": "2026-12-09T08:00:00+00:00",
         "facility_id": "NORTH",
@@ -154,6 +166,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "item.consume": {"appointment_id": "A1", "quantity": 3, "line_id": "L1"},
     "item.po_acknowledged": {"po_id": "PO:gauze@F1:1", "reference": "PO-000001"},
     "item.goods_received": {"po_id": "PO:gauze@F1:1", "quantity": 50},
+    "item.request": {"request_id": "SR-1", "quantity": 10},
     # visit (keyed by visit number)
     "visit.register": {"payer_id": "ACME", "patient_class": "O", "location": "MAIN"},
     "visit.link": {"appointment_id": "A1"},
