@@ -51,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="JSON output")
     status.set_defaults(run=lambda a, c: _status(a, c))
 
-    publish = sub.add_parser("publish", parents=[client], help="publish canonical JSON commands")
-    publish.add_argument(
-        "files", nargs="*", help="files of JSON envelopes (object, array or lines)"
+    publish = sub.add_parser(
+        "publish", parents=[client], help="publish commands (canonical JSON, HL7 v2, FHIR R4)"
     )
+    publish.add_argument("files", nargs="*", help="files of messages in the --format given")
     publish.add_argument("--kind", help="inline command kind, e.g. appointment.book")
     publish.add_argument("--entity", help="inline entity id")
     publish.add_argument("--data", help="inline payload as JSON")
@@ -62,9 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--json", action="store_true", help="one JSON object per message")
     publish.add_argument(
         "--format",
-        choices=["json"],
+        choices=["json", "hl7", "fhir"],
         default="json",
-        help="format of the files: canonical JSON envelopes (HL7 v2 and FHIR come next)",
+        help="format of the files: canonical JSON envelopes (object, array or lines), HL7 v2 "
+        "(one or more messages, MLLP-framed or not, batches) or FHIR R4 JSON (a resource, a "
+        "Bundle, or NDJSON)",
     )
     publish.add_argument(
         "--wait",
@@ -74,6 +76,21 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for each verdict (0: do not wait; default 10)",
     )
     publish.set_defaults(run=lambda a, c: _publish(a, c))
+
+    dlq = sub.add_parser("dlq", help="dead letters: rejected inputs with their raw bytes")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", parents=[client], help="list dead letters")
+    dlq_list.add_argument("--limit", type=int, default=100, help="the last N (default 100)")
+    dlq_list.add_argument("--code", default="", help="only this reason code (e.g. missing_id)")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object per letter")
+    dlq_list.set_defaults(run=lambda a, c: _dlq_list(a, c))
+
+    mllp = sub.add_parser(
+        "mllp", parents=[client], help="MLLP listener: HL7 v2 senders in, HL7 ACKs out"
+    )
+    mllp.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
+    mllp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    mllp.set_defaults(run=lambda a, c: _mllp(a, c))
 
     replay = sub.add_parser("replay", help="rebuild state from the JetStream log")
     replay_sub = replay.add_subparsers(dest="replay_command", required=True, metavar="ACTION")
@@ -234,7 +251,27 @@ async def _publish(args: argparse.Namespace, ctx: Context) -> int:
         inline = build_envelope(args.kind, args.entity, args.data, args.id)
     elif not args.files:
         raise CommandError("nothing to publish: give FILE... or --kind/--entity")
+    if args.format != "json":
+        from caresync.cli.ingest import run_publish_raw
+
+        if inline is not None:
+            raise CommandError(f"--kind/--entity publish canonical JSON, not {args.format}")
+        return await run_publish_raw(ctx, args.nats, args.files, args.format, args.json, args.wait)
     return await run_publish(ctx, args.nats, args.files, inline, args.json, args.wait)
+
+
+async def _dlq_list(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.ingest import run_dlq_list
+
+    if args.limit <= 0:
+        raise CommandError("--limit must be positive")
+    return await run_dlq_list(ctx, args.nats, args.limit, args.code, args.json)
+
+
+async def _mllp(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.mllp import run_mllp
+
+    return await run_mllp(ctx, args.nats, args.host, args.port)
 
 
 async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:

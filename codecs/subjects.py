@@ -5,6 +5,7 @@ Subjects, with the default prefix ``cs``::
     cs.in.<kind>.<entity>       commands from source systems (canonical envelopes)
     cs.int.<kind>.<entity>      internal fan-out: commands one actor sends to another
     cs.out.<system>.<key>       effects for downstream systems (billing, erp, supply)
+    cs.raw.<format>[.<source>]  raw source messages (hl7, fhir) for the router's ingest stage
     cs.dlq.<code>               dead letters: the raw bytes of rejected inputs
     cs.ctl.<op>                 control requests (health, status); request/reply, not stored
     cs.refdata.load             reference-data sets, one message per load (its seq is its version)
@@ -106,6 +107,15 @@ class Subjects:
         """Subject for an effect addressed to a downstream system."""
         return f"{self.prefix}.out.{system}.{encode_token(key)}"
 
+    def raw(self, fmt: str, source: str = "") -> str:
+        """Subject of a raw source message (``hl7``, ``fhir``), optionally naming its source."""
+        return f"{self.prefix}.raw.{fmt}" + (f".{encode_token(source)}" if source else "")
+
+    def raw_format(self, subject: str) -> str:
+        """The format token of a raw subject (``hl7`` for ``cs.raw.hl7.lab``); '' if none."""
+        head = f"{self.prefix}.raw."
+        return subject[len(head) :].split(".", 1)[0] if subject.startswith(head) else ""
+
     def dead_letter(self, code: str) -> str:
         """Subject for a dead letter with a reason code."""
         return f"{self.prefix}.dlq.{code}"
@@ -165,6 +175,11 @@ class Subjects:
     def output_stream(self) -> str:
         """Name of the stream holding effects for downstream systems."""
         return f"{self.stream_prefix}_OUT"
+
+    @property
+    def raw_stream(self) -> str:
+        """Name of the stream of raw source messages (HL7 v2, FHIR) awaiting decoding."""
+        return f"{self.stream_prefix}_RAW"
 
     @property
     def dead_letter_stream(self) -> str:

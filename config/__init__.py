@@ -18,6 +18,7 @@ from .loading import (
 )
 from .schema import (
     Config,
+    IngestConfig,
     LogConfig,
     NatsConfig,
     OutboxConfig,
@@ -32,6 +33,7 @@ __all__ = [
     "RESERVED_ENV_VARS",
     "Config",
     "ConfigError",
+    "IngestConfig",
     "LogConfig",
     "NatsConfig",
     "OutboxConfig",

@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -351,6 +352,16 @@ def _check_cross_field(
             "outbox.retry_backoff_max_ms",
             f"must not exceed outbox.retry_backoff_max_ms ({out.retry_backoff_max_ms!r}),"
             f" got {out.retry_backoff_initial_ms!r}",
+        )
+    try:
+        if cfg.ingest.hl7_timezone != "UTC":
+            zoneinfo.ZoneInfo(cfg.ingest.hl7_timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        fail(
+            "ingest.hl7_timezone",
+            "ingest.hl7_timezone",
+            f"must be an IANA time zone such as 'America/Chicago' or 'UTC',"
+            f" got {cfg.ingest.hl7_timezone!r}",
         )
     for system in ("billing", "erp", "supply"):
         conn = getattr(cfg.downstream, system)

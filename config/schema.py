@@ -17,6 +17,7 @@ __all__ = [
     "Config",
     "ConnectorConfig",
     "DownstreamConfig",
+    "IngestConfig",
     "LogConfig",
     "NatsConfig",
     "OutboxConfig",
@@ -164,6 +165,33 @@ class OutboxConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     ] = 5000.0
 
 
+class IngestConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Raw source messages (HL7 v2, FHIR R4): decoding on the router, and the MLLP listener."""
+
+    hl7_timezone: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="IANA time zone of HL7 timestamps sent without an offset (e.g. "
+            "America/Chicago); the senders' local time",
+        ),
+    ] = "UTC"
+    max_message_bytes: Annotated[
+        int, Meta(ge=1024, description="Largest raw message accepted; larger is rejected")
+    ] = 1 << 20
+    batch_size: Annotated[
+        int, Meta(ge=1, le=10_000, description="Raw messages decoded per batch")
+    ] = 200
+    verdict_timeout_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="How long the MLLP listener waits for the router's verdict before "
+            "answering AE (the message is stored; a resend is a duplicate)",
+        ),
+    ] = 10.0
+
+
 class LogConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Logging."""
 
@@ -238,4 +266,5 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     downstream: DownstreamConfig = msgspec.field(default_factory=DownstreamConfig)

@@ -44,6 +44,8 @@ class VerdictRequest(msgspec.Struct, kw_only=True, frozen=True):
     kind: str = ""
     entity: str = ""
     id: str = ""
+    raw: bool = False
+    """The message is a raw source message (HL7 v2, FHIR) on the raw stream."""
 
 
 _verdict_decoder = msgspec.json.Decoder(VerdictRequest)
@@ -103,8 +105,47 @@ class ControlResponder:
             "error": f"unknown control operation {op!r}; known: health, status, verdict, report"
         }
 
+    async def raw_verdict(self, req: VerdictRequest) -> dict[str, Any]:
+        """What became of one raw message: one item per message inside it (an HL7 batch holds
+        several), each with the verdicts of the commands it became; ``pending`` until all are
+        decided."""
+        if await self._store.offset(req.stream) < req.seq:
+            return {"verdict": "pending"}
+        items: list[dict[str, Any]] = []
+        for row in await self._store.ingest.rows(req.stream, req.seq):
+            item: dict[str, Any] = {"index": row.idx, "kind": row.kind, "entity": row.entity}
+            if row.outcome == "rejected":
+                items.append(item | {"verdict": "rejected", "reason": row.reason, "code": row.code})
+                continue
+            commands = []
+            for c in row.commands:
+                if c.failed:
+                    found = {"verdict": "rejected", "reason": c.failed, "code": "not_stored"}
+                elif c.duplicate:
+                    found = {"verdict": "duplicate"}
+                else:
+                    entity_kind = c.kind.partition(".")[0]
+                    found = await self.verdict(
+                        VerdictRequest(
+                            stream=c.stream, seq=c.seq, kind=entity_kind, entity=c.entity, id=c.id
+                        )
+                    )
+                if found.get("verdict") == "pending":
+                    return {"verdict": "pending"}
+                commands.append({"kind": c.kind, "entity": c.entity, "id": c.id} | found)
+            item |= {"verdict": _combined(commands), "commands": commands}
+            problem = next((c for c in commands if c.get("reason")), None)
+            if problem is not None:
+                item |= {"reason": problem["reason"], "code": problem.get("code", "")}
+            items.append(item)
+        if not items:  # committed before this router recorded raw messages
+            return {"verdict": "unknown", "items": []}
+        return {"verdict": _combined(items), "items": items}
+
     async def verdict(self, req: VerdictRequest) -> dict[str, Any]:
         """What became of one stored message: pending, accepted, duplicate, rejected, parked."""
+        if req.raw:
+            return await self.raw_verdict(req)
         if await self._store.offset(req.stream) < req.seq:
             return {"verdict": "pending"}
         letter = await self._store.outbox_headers(f"dlq:{req.stream}:{req.seq}")
@@ -149,6 +190,17 @@ class ControlResponder:
             known = ", ".join(sorted(self._registry.kinds))
             return {"error": f"unknown entity kind {kind!r}; known: {known}"}
         stored = await self._store.entity(kind, entity)
+        if stored is None and ":" not in entity:
+            # A bare filler id (HL7 SCH-2.1) stands for NAMESPACE:ID when only one matches.
+            matches = await self._store.ids_ending(kind, ":" + entity)
+            if len(matches) > 1:
+                listed = ", ".join(matches)
+                return {
+                    "error": f"{kind} id {entity!r} is ambiguous: {listed}; give the qualified id"
+                }
+            if matches:
+                entity = matches[0]
+                stored = await self._store.entity(kind, entity)
         if stored is None:
             return {"found": False, "kind": kind, "id": entity}
         state = self._state_decoders[kind].decode(stored.state)
@@ -176,3 +228,18 @@ class ControlResponder:
                 for p in parked
             ],
         }
+
+
+_SEVERITY = ("rejected", "parked", "accepted", "duplicate")
+
+
+def _combined(parts: list[dict[str, Any]]) -> str:
+    """One verdict for several: the worst of them (a message with one rejected command is
+    rejected); all duplicates is a duplicate."""
+    found = {p.get("verdict", "") for p in parts}
+    if not found:
+        return "accepted"
+    for verdict in _SEVERITY:
+        if verdict in found:
+            return verdict
+    return "duplicate"

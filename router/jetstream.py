@@ -313,7 +313,7 @@ class JetStreamTransport:
             else:
                 ack = fut.result()
                 status = PublishStatus.DUPLICATE if ack.duplicate else PublishStatus.STORED
-                results.append(PublishResult(m.key, status))
+                results.append(PublishResult(m.key, status, stream=ack.stream, seq=ack.seq))
         return results
 
 

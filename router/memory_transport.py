@@ -35,7 +35,7 @@ class MemoryStream:
     name: str
     subjects: list[str]
     messages: list[Inbound] = field(default_factory=list)
-    msg_ids: set[str] = field(default_factory=set)
+    msg_ids: dict[str, int] = field(default_factory=dict)
     acked_through: dict[str, int] = field(default_factory=dict)
 
 
@@ -58,14 +58,20 @@ class MemoryTransport:
         self, subject: str, data: bytes, headers: dict[str, str] | None = None
     ) -> PublishStatus:
         """Store a message in the stream capturing ``subject`` (synchronous publish)."""
+        return self.store(subject, data, headers)[0]
+
+    def store(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[PublishStatus, str, int]:
+        """Like :meth:`append`, also saying which stream stored it at which sequence."""
         for stream in self.streams.values():
             if any(subject_matches(p, subject) for p in stream.subjects):
                 msg_id = (headers or {}).get("Nats-Msg-Id")
+                seq = len(stream.messages) + 1
                 if msg_id is not None:
                     if msg_id in stream.msg_ids:
-                        return PublishStatus.DUPLICATE
-                    stream.msg_ids.add(msg_id)
-                seq = len(stream.messages) + 1
+                        return PublishStatus.DUPLICATE, stream.name, stream.msg_ids[msg_id]
+                    stream.msg_ids[msg_id] = seq
                 stream.messages.append(
                     Inbound(
                         subject,
@@ -78,8 +84,8 @@ class MemoryTransport:
                 )
                 self._arrived.set()
                 self._arrived = anyio.Event()
-                return PublishStatus.STORED
-        return PublishStatus.FAILED
+                return PublishStatus.STORED, stream.name, seq
+        return PublishStatus.FAILED, "", 0
 
     async def wait_arrival(self) -> None:
         """Wait until any stream receives a message."""
@@ -109,9 +115,9 @@ class MemoryTransport:
                 results.append(PublishResult(m.key, PublishStatus.RETRY, "injected failure"))
                 continue
             headers = {**(m.headers or {}), "Nats-Msg-Id": m.key}
-            status = self.append(m.subject, m.payload, headers)
+            status, stream, seq = self.store(m.subject, m.payload, headers)
             error = "" if status is not PublishStatus.FAILED else f"no stream for {m.subject}"
-            results.append(PublishResult(m.key, status, error))
+            results.append(PublishResult(m.key, status, error, stream=stream, seq=seq))
         await anyio.lowlevel.checkpoint()
         return results
 

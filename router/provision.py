@@ -48,6 +48,13 @@ def stream_specs(subjects: Subjects) -> list[StreamSpec]:
     )
     specs.append(
         StreamSpec(
+            subjects.raw_stream,
+            (f"{subjects.prefix}.raw.>",),
+            "caresync raw source messages (HL7 v2, FHIR) for the ingest stage",
+        )
+    )
+    specs.append(
+        StreamSpec(
             subjects.dead_letter_stream,
             (f"{subjects.prefix}.dlq.>",),
             "caresync dead letters: raw rejected inputs with reasons",

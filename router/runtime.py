@@ -141,6 +141,7 @@ class Router:
                 now = time.time()
                 removed = await self.store.prune_applied(now - self.settings.dedupe_retention_s)
                 sent = await self.store.prune_outbox(now - self.settings.outbox_retention_s)
+                await self.store.ingest.prune(now - self.settings.outbox_retention_s)
                 if removed or sent:
                     log.info("pruned", dedupe_records=removed, sent_effects=sent)
 

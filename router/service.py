@@ -15,6 +15,7 @@ from caresync.codecs import Subjects
 from caresync.config import Config
 from caresync.connectors.runner import run_connectors
 from caresync.router.control import ControlResponder
+from caresync.router.ingest import IngestSettings, IngestWorker
 from caresync.router.jetstream import JetStreamTransport, connect
 from caresync.router.provision import provision
 from caresync.router.refdata import RefDataCatalog
@@ -77,6 +78,7 @@ class RouterService:
         self.registry = registry or default_registry()
         self.subjects = subjects_for(cfg)
         self.router: Router | None = None
+        self.ingest: IngestWorker | None = None
         self.catalog = RefDataCatalog()
         """The reference data versions this router knows (followed from the refdata stream)."""
         self._stop = anyio.Event()
@@ -125,6 +127,11 @@ class RouterService:
 
                     await tg.start(follow_refdata)
                     await tg.start(router.run)
+                    ingest = IngestWorker(
+                        transport, store, self.subjects, IngestSettings.from_config(cfg)
+                    )
+                    self.ingest = ingest
+                    await tg.start(ingest.run)
                     control_scope = anyio.CancelScope()
 
                     async def serve_control() -> None:
@@ -146,6 +153,7 @@ class RouterService:
                     # -- end of downstream connectors
                     task_status.started()
                     await self._stop.wait()
+                    ingest.stop()
                     router.stop()
                     await router.wait_stopped()
                     connectors_scope.cancel()

@@ -56,6 +56,10 @@ class PublishResult:
     key: str
     status: PublishStatus
     error: str = ""
+    stream: str = ""
+    """The stream that stored it (or had stored it, for a duplicate); empty if unknown."""
+    seq: int = 0
+    """Its sequence in that stream (the first one's, for a duplicate); 0 if unknown."""
 
 
 class InputConsumer(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from caresync.store.errors import StoreError, StoreSchemaError, StoreUnavailable
+from caresync.store.ingest import IngestedCommand, IngestLog, IngestRow
 from caresync.store.records import (
     AppliedRow,
     BatchWrite,
@@ -17,6 +18,9 @@ __all__ = [
     "AppliedRow",
     "BatchWrite",
     "EntityRow",
+    "IngestLog",
+    "IngestRow",
+    "IngestedCommand",
     "OutboxRow",
     "ParkedRow",
     "PendingEffect",

@@ -92,4 +92,21 @@ DDL = (
         at REAL NOT NULL,
         PRIMARY KEY (effect_key, attempt)
     ) WITHOUT ROWID""",
+    # What the ingest stage made of each raw source message (HL7 v2, FHIR): one row per
+    # message inside it (an HL7 batch holds several), decoded into commands or rejected.
+    """CREATE TABLE IF NOT EXISTS ingest (
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        format TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        kind TEXT NOT NULL DEFAULT '',
+        entity TEXT NOT NULL DEFAULT '',
+        code TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '',
+        commands BLOB,
+        at REAL NOT NULL,
+        PRIMARY KEY (stream, seq, idx)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS ingest_by_time ON ingest (at)",
 )

@@ -16,6 +16,7 @@ import anyio
 import orjson
 
 from caresync.store.errors import StoreError, StoreSchemaError, map_sqlite_error
+from caresync.store.ingest import IngestLog
 from caresync.store.records import BatchWrite, EntityRow, ParkedRow, PendingEffect
 from caresync.store.schema import DDL, PRAGMAS, SCHEMA_VERSION
 
@@ -87,6 +88,21 @@ class Store:
         self.path = path
         # One connection serves every partition worker: transactions must not interleave.
         self._write_lock = anyio.Lock()
+
+    @property
+    def connection(self) -> aiosqlite.Connection:
+        """The one connection (for the store's topic modules, such as the ingest log)."""
+        return self._conn
+
+    @property
+    def write_lock(self) -> anyio.Lock:
+        """Held around every write transaction: transactions must not interleave."""
+        return self._write_lock
+
+    @property
+    def ingest(self) -> IngestLog:
+        """What became of raw source messages (HL7 v2, FHIR)."""
+        return IngestLog(self)
 
     @classmethod
     async def open(
@@ -323,6 +339,13 @@ class Store:
         """The snapshot of one entity, or None."""
         found = await self.load_entities([(kind, id)])
         return found.get((kind, id))
+
+    async def ids_ending(self, kind: str, suffix: str, limit: int = 10) -> list[str]:
+        """Ids of ``kind`` that end with ``suffix`` (a bare id within qualified ones)."""
+        escaped = suffix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        sql = "SELECT id FROM entities WHERE kind = ? AND id LIKE ? ESCAPE '\\' LIMIT ?"
+        async with self._conn.execute(sql, (kind, "%" + escaped, limit)) as cur:
+            return [str(row[0]) for row in await cur.fetchall() if str(row[0]).endswith(suffix)]
 
     async def entities(self, kind: str | None = None) -> list[EntityRow]:
         """All snapshots (of one kind), ordered by kind and id."""

@@ -37,6 +37,7 @@ async def test_provisioning_is_idempotent_and_follows_config_changes(
         for name in (
             subjects.input_stream(0),
             subjects.output_stream,
+            subjects.raw_stream,
             subjects.dead_letter_stream,
             subjects.refdata_stream,
         )
@@ -45,7 +46,7 @@ async def test_provisioning_is_idempotent_and_follows_config_changes(
 
     changed = make_config(unique_prefix, streams={"duplicate_window_s": 30.0, "max_age_s": 86400.0})
     updates = await provision(js, subjects, changed.streams)
-    assert len(updates) == 4
+    assert len(updates) == 5
     assert all("duplicate_window" in line and "max_age" in line for line in updates)
     info = await js.stream_info(subjects.input_stream(0))
     assert info.config.duplicate_window == pytest.approx(30.0)
