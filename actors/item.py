@@ -241,7 +241,8 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
             return Rejected(f"purchase order {p.po_id} is not one of {state.id}")
         events = [Acknowledged(po_id=p.po_id, reference=p.reference)]
     elif isinstance(p, GoodsReceived):
-        po = _po(state, p.po_id)
+        # A source's delivery names a requisition's order by the request (FHIR basedOn).
+        po = _po(state, p.po_id) or _po(state, _request_po(state, p.po_id))
         if po is None:
             return Rejected(f"purchase order {p.po_id} is not one of {state.id}")
         quantity = p.quantity or po.open_quantity
@@ -249,7 +250,7 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
             return Rejected(
                 f"purchase order {p.po_id} has {po.open_quantity} open, cannot receive {quantity}"
             )
-        events = [Received(po_id=p.po_id, quantity=quantity)]
+        events = [Received(po_id=po.po_id, quantity=quantity)]
     elif isinstance(p, RequestSupply):
         if p.quantity <= 0:
             return Rejected(f"requisition {p.request_id} of {state.id}: quantity is not positive")

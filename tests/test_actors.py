@@ -486,11 +486,14 @@ def test_default_registry_hosts_the_kinds() -> None:
 def test_sync_books_then_updates_and_ignores_a_repeat() -> None:
     """``appointment.sync`` is the upsert of sources that send the whole appointment (FHIR)."""
     state, _ = accept(appointment.KIND, appointment.initial("A1"), cmd("sync", BOOK, id="s1"))
-    assert state.status == "booked" and state.details == BOOK
+    assert state.status == "booked"
+    assert state.details == BOOK
     moved = msgspec.structs.replace(BOOK, start=datetime(2027, 3, 12, 9, 0, tzinfo=UTC))
     later = T0 + timedelta(hours=1)
     after, decision = accept(appointment.KIND, state, cmd("sync", moved, id="s2", at=later))
-    assert after.status == "booked" and after.details == moved and after.local_date == "2027-03-12"
+    assert after.status == "booked"
+    assert after.details == moved
+    assert after.local_date == "2027-03-12"
     assert decision.effects
     repeat = appointment.KIND.decide(after, cmd("sync", moved, id="s3", at=later))
     assert repeat == Accepted()
@@ -515,4 +518,5 @@ def test_modify_applies_added_and_removed_procedures_and_providers() -> None:
         ProcedureRef(code="27447", provider_id="DR-C"),
         ProcedureRef(code="X1"),
     )
-    assert after.details.providers == ("DR-A", "DR-C") and after.details.room == "OR-2"
+    assert after.details.providers == ("DR-A", "DR-C")
+    assert after.details.room == "OR-2"

@@ -254,12 +254,22 @@ def test_a_requisition_orders_once_keyed_by_the_request_and_keeps_the_crossing_c
     assert [(e.key, e.payload["quantity"], e.payload["supplier_id"]) for e in orders] == [
         (f"req:{KEY}:SR-7", 12, "SUP-1")
     ]
-    assert after.on_order == 12 and after.crossings == state.crossings and after.armed
+    assert after.on_order == 12
+    assert after.crossings == state.crossings
+    assert after.armed
     again, repeat = run(after, "request", RequestSupply(request_id="SR-7", quantity=12))
-    assert repeat.events == () and repeat.effects == () and again == after
+    assert repeat.events == ()
+    assert repeat.effects == ()
+    assert again == after
     # the order is received like any other
     po_id = orders[0].payload["po_id"]
     received, _ = run(again, "goods_received", GoodsReceived(po_id=po_id))
-    assert received.on_hand == 52 and received.on_order == 0
+    assert received.on_hand == 52
+    assert received.on_order == 0
+    # a source's delivery may name the order by its requisition (FHIR basedOn)
+    by_request, _ = run(again, "goods_received", GoodsReceived(po_id="SR-7", quantity=5))
+    assert by_request.on_hand == 45
+    assert by_request.on_order == 7
     refused = item.decide(after, cmd("request", RequestSupply(request_id="SR-8", quantity=0)))
-    assert isinstance(refused, Rejected) and "SR-8" in refused.reason
+    assert isinstance(refused, Rejected)
+    assert "SR-8" in refused.reason
