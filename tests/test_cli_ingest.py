@@ -118,7 +118,8 @@ def test_publish_hl7_and_fhir_files_then_status_and_dead_letters(
     assert len(found) == 1
     assert found[0]["code"] == "missing_id"
     assert found[0]["format"] == "hl7"
-    assert found[0]["raw"].startswith("MSH|") and "C-2" in found[0]["raw"]
+    assert found[0]["raw"].startswith("MSH|")
+    assert "C-2" in found[0]["raw"]
     assert "SCH-2" in found[0]["reason"]
 
 
@@ -151,5 +152,5 @@ def test_mllp_command_acknowledges_over_tcp(router: Path) -> None:
         assert b"SCH-2" in acks[1]
     finally:
         mllp.terminate()
-        _, errors = mllp.communicate(timeout=10)
+        _, _errors = mllp.communicate(timeout=10)
     assert mllp.returncode == 0
