@@ -83,7 +83,16 @@ class MllpServer:
                     chunk = await stream.receive(READ_CHUNK)
                     for frame in reader.feed(chunk):
                         await stream.send(await self._answer(frame.data, frame.error, peer))
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            except anyio.EndOfStream:
+                # A frame left open when the sender hung up is still a message it sent: it is
+                # dead-lettered as broken (and answered, if the peer still reads).
+                for frame in reader.close():
+                    ack = await self._answer(frame.data, frame.error, peer)
+                    try:
+                        await stream.send(ack)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
         log.info("mllp_disconnected", peer=peer)
 
