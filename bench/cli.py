@@ -78,11 +78,7 @@ _say = say
 async def run_bench(args: argparse.Namespace, ctx: Any) -> int:
     """The ``caresync bench`` command (``ctx`` is unused: the router runs on defaults + env)."""
     command_line = shlex.join(["caresync", *sys.argv[1:]]) if sys.argv[1:] else "caresync bench"
-    if getattr(args, "workload", "fanout") == "workflow":
-        from caresync.bench import workflow
-
-        return await workflow.run(workflow.options(args, command_line))
-    return await run(Options.from_args(args, command_line))
+    return await run_bench_args(args, command_line)
 
 
 async def run(opts: Options) -> int:
@@ -277,7 +273,11 @@ def _internal(subjects: Subjects, partition: int) -> str:
 
 
 async def run_bench_args(args: argparse.Namespace, command_line: str) -> int:
-    """Dispatch on the workload (``fanout`` or ``workflow``)."""
+    """Dispatch on the workload (``fanout``, ``workflow`` or ``ingest``)."""
+    if args.workload == "ingest":
+        from caresync.bench import ingest_run
+
+        return await ingest_run.run(args, command_line)
     if args.workload == "workflow":
         from caresync.bench import workflow
 
@@ -288,7 +288,9 @@ async def run_bench_args(args: argparse.Namespace, command_line: str) -> int:
 def main() -> None:
     """``python -m caresync.bench.cli [fanout] [options]`` (run it outside the repository)."""
     parser = argparse.ArgumentParser(prog="python -m caresync.bench.cli")
-    parser.add_argument("workload", nargs="?", default="fanout", choices=["fanout", "workflow"])
+    parser.add_argument(
+        "workload", nargs="?", default="fanout", choices=["fanout", "workflow", "ingest"]
+    )
     parser.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
     parser.add_argument("--m", type=int, default=2_000, help="appointment keys (default 2000)")
     parser.add_argument(

@@ -112,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmark on a fresh embedded deployment"
     )
-    bench.add_argument("workload", nargs="?", default="fanout", choices=["fanout", "workflow"])
+    bench.add_argument(
+        "workload", nargs="?", default="fanout", choices=["fanout", "workflow", "ingest"]
+    )
     bench.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
     bench.add_argument("--m", type=int, default=2_000, help="entities (default 2000)")
     bench.add_argument(

@@ -137,3 +137,28 @@ def test_bench_workflow_quick_json(tmp_path: Path) -> None:
     assert checks["sim_duplicate_records"] == 0
     assert checks["calls_failed"] == checks["ledger_failed"] == 0
     assert doc["conditions"]["appointments"] == 300
+
+
+def test_bench_ingest_quick_json(tmp_path: Path) -> None:
+    """Decode rates and raw bookings through the router: figures present, nothing rejected."""
+    try:
+        result = subprocess.run(
+            [*_caresync(), "bench", "ingest", "--quick", "--json", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"bench did not finish in 120 s; stderr:\n{exc.stderr!r}")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["decode"]["siu_per_s"] > 0
+    assert doc["decode"]["dft_per_s"] > 0
+    routed = doc["router"]
+    assert routed["n"] == 1_000
+    assert routed["rejected"] == 0
+    # every booking was applied, with its fan-out (procedure, billing, supply, ERP, visit...)
+    assert routed["commands_applied"] > routed["n"]
+    assert routed["ingest_per_s"] > 0
+    assert routed["end_to_end_per_s"] > 0
