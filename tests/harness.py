@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import anyio
 import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 from workflow_network import Network, demo_refdata
 
+from caresync.actors.contract import Registry
 from caresync.codecs import Subjects, encode_envelope, make_envelope
 from caresync.codecs.refdata import encode_refdata_set
 from caresync.config import Config, load_config
@@ -194,3 +199,27 @@ async def count_on(js: JetStreamContext, stream: str, subject_filter: str) -> in
     """How many messages ``stream`` holds on ``subject_filter``."""
     info = await js.stream_info(stream, subjects_filter=subject_filter)
     return sum((info.state.subjects or {}).values())
+
+
+@asynccontextmanager
+async def running(
+    cfg: Config, url: str, data_dir: Path, registry: Registry | None = None
+) -> AsyncIterator[RouterService]:
+    """A router service on the session's nats-server until the block ends (then it drains)."""
+    service = RouterService(cfg, nats_url=url, data_dir=data_dir, registry=registry)
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        try:
+            yield service
+        finally:
+            service.stop()
+
+
+@asynccontextmanager
+async def client(url: str) -> AsyncIterator[NatsClient]:
+    """A plain nats-py connection for the test's own publishing and reading."""
+    nc = await nats.connect(url)
+    try:
+        yield nc
+    finally:
+        await nc.close()

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,23 @@ def _caresync() -> list[str]:
     if script.is_file():
         return [str(script)]
     return [sys.executable, "-c", "from caresync.cli import main; main()"]
+
+
+def bench_json(tmp_path: Path, workload: str) -> dict[str, Any]:
+    """``caresync bench WORKLOAD --quick --json``: exit 0 and exactly one JSON object on stdout."""
+    try:
+        result = subprocess.run(
+            [*_caresync(), "bench", workload, "--quick", "--json", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"bench did not finish in 120 s; stderr:\n{exc.stderr!r}")
+    assert result.returncode == 0, result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
 
 
 def test_workload_mirrors_the_peer_shape() -> None:
@@ -78,18 +96,7 @@ def test_pure_model_fans_out_per_command_kind(tmp_path: Path) -> None:
 
 
 def test_bench_fanout_quick_json(tmp_path: Path) -> None:
-    try:
-        result = subprocess.run(
-            [*_caresync(), "bench", "fanout", "--quick", "--json", "--data-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"bench did not finish in 120 s; stderr:\n{exc.stderr!r}")
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    doc = bench_json(tmp_path, "fanout")
     for name in (
         "caresync_commands_per_s",
         "raw_commands_per_s",
@@ -109,18 +116,7 @@ def test_bench_fanout_quick_json(tmp_path: Path) -> None:
 
 def test_bench_workflow_quick_json(tmp_path: Path) -> None:
     """Connectors and simulators on: figures present, every check true (no timing asserts)."""
-    try:
-        result = subprocess.run(
-            [*_caresync(), "bench", "workflow", "--quick", "--json", "--data-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"bench did not finish in 120 s; stderr:\n{exc.stderr!r}")
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    doc = bench_json(tmp_path, "workflow")
     for name in (
         "events_per_s",
         "raw_commands_per_s",
@@ -141,18 +137,7 @@ def test_bench_workflow_quick_json(tmp_path: Path) -> None:
 
 def test_bench_ingest_quick_json(tmp_path: Path) -> None:
     """Decode rates and raw bookings through the router: figures present, nothing rejected."""
-    try:
-        result = subprocess.run(
-            [*_caresync(), "bench", "ingest", "--quick", "--json", "--data-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"bench did not finish in 120 s; stderr:\n{exc.stderr!r}")
-    assert result.returncode == 0, result.stderr
-    doc = json.loads(result.stdout)
+    doc = bench_json(tmp_path, "ingest")
     assert doc["decode"]["siu_per_s"] > 0
     assert doc["decode"]["dft_per_s"] > 0
     routed = doc["router"]

@@ -3,24 +3,20 @@ dead letters with raw bytes, restart, and the MLLP listener over real TCP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import msgspec
-import nats
 import orjson
 import pytest
-from harness import load_refdata, make_config, stream_messages, wait_for
-from nats.aio.client import Client as NatsClient
+from harness import client, load_refdata, make_config, running, stream_messages, wait_for
 
 from caresync.actors.appointment import AppointmentState
 from caresync.config import Config
 from caresync.router.mllp import MllpServer
 from caresync.router.raw_client import RawSubmitter
-from caresync.router.service import RouterService, open_store, subjects_for
+from caresync.router.service import open_store, subjects_for
 
 pytestmark = pytest.mark.anyio
 
@@ -51,26 +47,6 @@ def siu(
     if extra:
         segments.append(extra)
     return ("\r".join(segments) + "\r").encode()
-
-
-@asynccontextmanager
-async def running(cfg: Config, url: str, data_dir: Path) -> AsyncIterator[RouterService]:
-    service = RouterService(cfg, nats_url=url, data_dir=data_dir)
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        try:
-            yield service
-        finally:
-            service.stop()
-
-
-@asynccontextmanager
-async def client(url: str) -> AsyncIterator[NatsClient]:
-    nc = await nats.connect(url)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 async def appointment(cfg: Config, data_dir: Path, entity: str) -> AppointmentState | None:

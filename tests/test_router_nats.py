@@ -3,22 +3,21 @@ and rebuild — each test with its own subject and stream prefix on the session 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
-import nats
 import pytest
 from harness import (
     appointment_workload,
+    client,
     count_on,
     expected,
     load_refdata,
     make_config,
     publish_all,
+    running,
     stream_messages,
     wait_for,
 )
@@ -37,28 +36,6 @@ from caresync.router.worker import WorkerSettings
 from caresync.store import Store
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def running(
-    cfg: Config, url: str, data_dir: Path, registry: Registry | None = None
-) -> AsyncIterator[RouterService]:
-    service = RouterService(cfg, nats_url=url, data_dir=data_dir, registry=registry)
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        try:
-            yield service
-        finally:
-            service.stop()
-
-
-@asynccontextmanager
-async def client(url: str) -> AsyncIterator[NatsClient]:
-    nc = await nats.connect(url)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 def stats(service: RouterService) -> dict[str, int]:
