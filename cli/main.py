@@ -92,13 +92,45 @@ def _parser() -> argparse.ArgumentParser:
     mllp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     mllp.set_defaults(run=lambda a, c: _mllp(a, c))
 
-    replay = sub.add_parser("replay", help="rebuild state from the JetStream log")
+    replay = sub.add_parser("replay", help="re-apply history from the JetStream log")
     replay_sub = replay.add_subparsers(dest="replay_command", required=True, metavar="ACTION")
     rebuild = replay_sub.add_parser(
         "rebuild", parents=[client], help="drop local state and rebuild it"
     )
     rebuild.add_argument("--json", action="store_true", help="JSON summary")
     rebuild.set_defaults(run=lambda a, c: _rebuild(a, c))
+    replay_common = argparse.ArgumentParser(add_help=False, parents=[client])
+    replay_common.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="apply to a scratch copy and print what would change; change nothing",
+    )
+    replay_common.add_argument(
+        "--with-current-refdata",
+        action="store_true",
+        help="decide with the reference data in force now, not the data of each message's time",
+    )
+    replay_common.add_argument("--json", action="store_true", help="JSON output")
+    entity = replay_sub.add_parser(
+        "entity", parents=[replay_common], help="re-apply one entity's history"
+    )
+    entity.add_argument("kind", help="entity kind (appointment, item, billing, ...)")
+    entity.add_argument("id", help="entity id")
+    entity.add_argument(
+        "--from",
+        dest="from_",
+        metavar="SEQ|TIME",
+        default="",
+        help="re-apply from this input-stream sequence or RFC 3339 time (default: all)",
+    )
+    entity.set_defaults(run=lambda a, c: _replay_entity(a, c))
+    window = replay_sub.add_parser(
+        "window", parents=[replay_common], help="re-apply the entities touched in a time window"
+    )
+    window.add_argument("--since", required=True, metavar="TIME", help="RFC 3339 start")
+    window.add_argument("--until", required=True, metavar="TIME", help="RFC 3339 end")
+    window.add_argument("--kind", default="", help="only entities of this kind")
+    window.set_defaults(run=lambda a, c: _replay_window(a, c))
 
     refdata = sub.add_parser("refdata", help="versioned reference data (CSV sets)")
     refdata_sub = refdata.add_subparsers(dest="refdata_command", required=True, metavar="ACTION")
@@ -280,6 +312,18 @@ async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:
     from caresync.cli.replay import run_rebuild
 
     return await run_rebuild(ctx, args.nats, args.json)
+
+
+async def _replay_entity(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.replay import run_replay_entity
+
+    return await run_replay_entity(ctx, args)
+
+
+async def _replay_window(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.replay import run_replay_window
+
+    return await run_replay_window(ctx, args)
 
 
 async def _refdata_load(args: argparse.Namespace, ctx: Context) -> int:
