@@ -1,14 +1,10 @@
-"""``caresync publish --format hl7|fhir`` and ``caresync dlq list``: raw source messages in,
-rejected ones visible."""
+"""``caresync publish --format hl7|fhir``: raw source messages in, one verdict line each."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 import orjson
 
 from caresync.cli.common import CommandError, Context, connect_client, resolve_url
@@ -92,66 +88,3 @@ def _emit(name: str, index: int, v: RawVerdict, as_json: bool) -> None:
         print(f"{where}: {v.verdict} {what}".rstrip(), flush=True)
     else:
         print(f"{where}: {v.verdict} {what}: {v.reason}".replace("  ", " "), flush=True)
-
-
-async def run_dlq_list(
-    ctx: Context, nats_flag: str | None, limit: int, code: str, as_json: bool
-) -> int:
-    """The dead letters, oldest first (the last ``limit``): raw bytes, reason, where from."""
-    subjects = subjects_for(ctx.config)
-    nc = await connect_client(resolve_url(ctx, nats_flag))
-    try:
-        js = nc.jetstream()
-        try:
-            info = await js.stream_info(subjects.dead_letter_stream)
-        except nats.js.errors.NotFoundError:
-            raise CommandError(
-                f"no dead-letter stream {subjects.dead_letter_stream}: has a router run here?"
-            ) from None
-        first = max(info.state.first_seq, info.state.last_seq - limit + 1)
-        letters = []
-        for seq in range(first, info.state.last_seq + 1) if info.state.messages else ():
-            try:
-                msg = await js.get_msg(subjects.dead_letter_stream, seq)
-            except (nats.js.errors.NotFoundError, nats.errors.Error):
-                continue  # removed (retention) since the stream info was read
-            stored = msg.time.isoformat(timespec="seconds") if msg.time else ""
-            headers = {str(k): str(v) for k, v in (msg.headers or {}).items()}
-            letter = _letter(msg.seq or seq, msg.subject or "", headers, msg.data or b"", stored)
-            if code and letter["code"] != code:
-                continue
-            letters.append(letter)
-    finally:
-        await nc.close()
-    for letter in letters:
-        if as_json:
-            print(orjson.dumps(letter).decode())
-        else:
-            print(
-                f"#{letter['seq']} {letter['time']} {letter['code']} ({letter['source']}, "
-                f"{letter['size']} bytes): {letter['reason']}"
-            )
-    if not as_json:
-        print(f"{len(letters)} dead letter(s) shown, {info.state.messages} in the stream")
-    return 0
-
-
-def _letter(
-    seq: int, subject: str, headers: dict[str, str], data: bytes, stored: str
-) -> dict[str, Any]:
-    letter: dict[str, Any] = {
-        "seq": seq,
-        "time": stored,
-        "verdict": "rejected",
-        "code": headers.get("Caresync-Reason-Code", subject.rsplit(".", 1)[-1]),
-        "reason": headers.get("Caresync-Reason", ""),
-        "source": headers.get("Caresync-Subject", ""),
-        "format": headers.get("Caresync-Format", "json"),
-        "input": f"{headers.get('Caresync-Stream', '')}:{headers.get('Caresync-Stream-Seq', '')}",
-        "size": len(data),
-    }
-    try:
-        letter["raw"] = data.decode()
-    except UnicodeDecodeError:
-        letter["raw_base64"] = base64.b64encode(data).decode()
-    return letter

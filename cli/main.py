@@ -81,9 +81,39 @@ def _parser() -> argparse.ArgumentParser:
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_sub.add_parser("list", parents=[client], help="list dead letters")
     dlq_list.add_argument("--limit", type=int, default=100, help="the last N (default 100)")
-    dlq_list.add_argument("--code", default="", help="only this reason code (e.g. missing_id)")
+    dlq_list.add_argument("--source", default="", help="arrived on this subject (prefix) or format")
+    dlq_list.add_argument("--kind", default="", help="command kind (prefix: appointment)")
+    dlq_list.add_argument("--reason", default="", help="reason code, or words in the reason")
+    dlq_list.add_argument("--since", default="", metavar="TIME", help="stored at or after")
+    dlq_list.add_argument("--until", default="", metavar="TIME", help="stored at or before")
     dlq_list.add_argument("--json", action="store_true", help="one JSON object per letter")
-    dlq_list.set_defaults(run=lambda a, c: _dlq_list(a, c))
+    dlq_list.set_defaults(run=lambda a, c: _dlq(a, c))
+    dlq_show = dlq_sub.add_parser("show", parents=[client], help="one letter, raw bytes included")
+    dlq_show.add_argument("seq", type=int, help="dead-letter sequence (from dlq list)")
+    dlq_show.add_argument("--json", action="store_true", help="one JSON object")
+    dlq_show.set_defaults(run=lambda a, c: _dlq(a, c))
+    dlq_retry = dlq_sub.add_parser(
+        "retry", parents=[client], help="re-submit letters through the normal path"
+    )
+    dlq_retry.add_argument("seqs", type=int, nargs="+", metavar="SEQ", help="letters to retry")
+    dlq_retry.add_argument("--wait", type=float, default=10.0, help="seconds per verdict")
+    dlq_retry.add_argument("--json", action="store_true", help="one JSON object per letter")
+    dlq_retry.set_defaults(run=lambda a, c: _dlq(a, c))
+    dlq_drop = dlq_sub.add_parser("drop", parents=[client], help="delete letters for good")
+    dlq_drop.add_argument("seqs", type=int, nargs="+", metavar="SEQ", help="letters to drop")
+    dlq_drop.set_defaults(run=lambda a, c: _dlq(a, c))
+
+    parked = sub.add_parser("parked", help="entities held back by a failing message")
+    parked_sub = parked.add_subparsers(dest="parked_command", required=True, metavar="ACTION")
+    parked_list = parked_sub.add_parser("list", parents=[client], help="parked messages")
+    parked_list.add_argument("--json", action="store_true", help="one JSON object per message")
+    parked_list.set_defaults(run=lambda a, c: _parked(a, c))
+    release = parked_sub.add_parser(
+        "release", parents=[client], help="re-run an entity's parked messages, in order"
+    )
+    release.add_argument("entity", nargs="+", metavar="KIND ID", help="KIND ID, or KIND:ID")
+    release.add_argument("--json", action="store_true", help="one JSON object")
+    release.set_defaults(run=lambda a, c: _parked(a, c))
 
     mllp = sub.add_parser(
         "mllp", parents=[client], help="MLLP listener: HL7 v2 senders in, HL7 ACKs out"
@@ -294,12 +324,34 @@ async def _publish(args: argparse.Namespace, ctx: Context) -> int:
     return await run_publish(ctx, args.nats, args.files, inline, args.json, args.wait)
 
 
-async def _dlq_list(args: argparse.Namespace, ctx: Context) -> int:
-    from caresync.cli.ingest import run_dlq_list
+async def _dlq(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli import dlq
 
-    if args.limit <= 0:
-        raise CommandError("--limit must be positive")
-    return await run_dlq_list(ctx, args.nats, args.limit, args.code, args.json)
+    action = args.dlq_command
+    if action == "list":
+        if args.limit <= 0:
+            raise CommandError("--limit must be positive")
+        filters = dlq.Filters.from_args(args)
+        return await dlq.run_dlq_list(ctx, args.nats, args.limit, filters, args.json)
+    if action == "show":
+        return await dlq.run_dlq_show(ctx, args.nats, args.seq, args.json)
+    if action == "retry":
+        return await dlq.run_dlq_retry(ctx, args.nats, args.seqs, args.wait, args.json)
+    return await dlq.run_dlq_drop(ctx, args.nats, args.seqs)
+
+
+async def _parked(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli import parked
+
+    if args.parked_command == "list":
+        return await parked.run_parked_list(ctx, args.nats, args.json)
+    if len(args.entity) == 2:
+        kind, entity = args.entity
+    elif len(args.entity) == 1 and ":" in args.entity[0]:
+        kind, _, entity = args.entity[0].partition(":")
+    else:
+        raise CommandError("parked release takes KIND ID (or KIND:ID)")
+    return await parked.run_parked_release(ctx, args.nats, kind, entity, args.json)
 
 
 async def _mllp(args: argparse.Namespace, ctx: Context) -> int:

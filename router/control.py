@@ -18,10 +18,11 @@ from nats.aio.msg import Msg
 
 from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
+from caresync.router.dead_letters import retry_dead_letter
 from caresync.router.report import build_report
 from caresync.router.runtime import Router
 from caresync.router.views import appointment_view, item_view
-from caresync.store import Store
+from caresync.store import ParkedRow, Store
 
 log = structlog.get_logger("caresync.control")
 
@@ -97,12 +98,21 @@ class ControlResponder:
             return await self.entity_status(req.kind, req.id)
         if op == "verdict":
             return await self.verdict(_verdict_decoder.decode(msg.data))
+        if op == "dlq_retry":
+            body = orjson.loads(msg.data)
+            return await retry_dead_letter(self._nc, self._store, self._subjects, int(body["seq"]))
+        if op == "parked":
+            return {"parked": [_parked_row(p) for p in await self._store.parked()]}
+        if op == "release":
+            req = _status_decoder.decode(msg.data)
+            return await self._router.release(req.kind, req.id)
         if op == "report":
             report = await build_report(self._store)
             report["dead_letters"] = await self._dead_letters()
             return report
         return {
-            "error": f"unknown control operation {op!r}; known: health, status, verdict, report"
+            "error": f"unknown control operation {op!r}; known: health, status, verdict, "
+            "parked, release, report"
         }
 
     async def raw_verdict(self, req: VerdictRequest) -> dict[str, Any]:
@@ -243,3 +253,17 @@ def _combined(parts: list[dict[str, Any]]) -> str:
         if verdict in found:
             return verdict
     return "duplicate"
+
+
+def _parked_row(p: ParkedRow) -> dict[str, Any]:
+    return {
+        "kind": p.kind,
+        "id": p.id,
+        "stream": p.stream,
+        "seq": p.seq,
+        "command_id": p.command_id,
+        "subject": p.subject,
+        "reason": p.reason,
+        "failures": p.failures,
+        "parked_at": p.parked_at,
+    }

@@ -37,7 +37,16 @@ from caresync.codecs import (
 from caresync.codecs.raw import RawItem, decode_raw
 from caresync.codecs.source import SourceCommand, SourceError
 from caresync.config import Config
-from caresync.router.outbox_rows import H_CODE, H_REASON, H_SEQ, H_STREAM, H_SUBJECT, header_safe
+from caresync.router.outbox_rows import (
+    H_CODE,
+    H_ENTITY,
+    H_KIND,
+    H_REASON,
+    H_SEQ,
+    H_STREAM,
+    H_SUBJECT,
+    header_safe,
+)
 from caresync.router.transport import (
     Inbound,
     InputConsumer,
@@ -248,6 +257,10 @@ class IngestWorker:
                 H_FORMAT: fmt,
             }
         )
+        if error.kind or item.kind:
+            headers[H_KIND] = header_safe(error.kind or item.kind)
+        if error.entity:
+            headers[H_ENTITY] = header_safe(error.entity)
         return Outbound(
             key=f"dlq:{message.stream}:{message.seq}:{item.index}",
             subject=self._subjects.dead_letter(error.code),

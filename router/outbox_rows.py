@@ -54,9 +54,25 @@ def header_safe(text: str) -> str:
     return cleaned[:MAX_HEADER_VALUE]
 
 
-def dead_letter_row(subjects: Subjects, message: Inbound, code: str, reason: str) -> OutboxRow:
+H_KIND = "Caresync-Kind"
+H_ENTITY = "Caresync-Entity"
+
+
+def dead_letter_row(
+    subjects: Subjects,
+    message: Inbound,
+    code: str,
+    reason: str,
+    *,
+    kind: str = "",
+    entity: str = "",
+) -> OutboxRow:
     """The outbox row sending ``message`` to the dead-letter stream, raw bytes untouched."""
     headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
+    if kind:
+        headers[H_KIND] = header_safe(kind)
+    if entity:
+        headers[H_ENTITY] = header_safe(entity)
     headers.update(
         {
             H_REASON: header_safe(reason),

@@ -161,6 +161,17 @@ class Router:
             log.info("outbox_recovered", effects=total)
         return total
 
+    async def release(self, kind: str, entity: str) -> dict[str, Any]:
+        """Release a parked entity in the partition that holds its parked messages."""
+        parked = await self.store.parked(kind, entity)
+        stream = parked[0].stream if parked else ""
+        worker = next((w for w in self.workers if w.stream == stream), None)
+        if worker is None:
+            if len(self.workers) != 1:
+                return {"error": f"{kind} {entity!r} has no parked messages"}
+            worker = self.workers[0]
+        return await worker.release(kind, entity)
+
     def health(self) -> dict[str, Any]:
         """Readiness and counters, for ``caresync health`` and ``status``."""
         return {

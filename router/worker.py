@@ -110,7 +110,18 @@ class WorkerStats:
 class _ToPublish:
     rows: list[OutboxRow]
     seq_range: tuple[int, int] | None
-    last: Inbound
+    last: Inbound | None
+    """The message to ack through; None for a release (nothing new was read)."""
+
+
+@dataclass(slots=True)
+class Release:
+    """A request to release a parked entity, run in the pipeline between two batches."""
+
+    kind: str
+    entity: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: dict[str, Any] = field(default_factory=dict)
 
 
 class PartitionWorker:
@@ -148,6 +159,8 @@ class PartitionWorker:
         self._last_seq = 0
         self._stop = anyio.Event()
         self._pull_scope: anyio.CancelScope | None = None
+        self._inject: ObjectSendStream[list[Inbound] | Release] | None = None
+        self._registry = registry
         self.stats = WorkerStats()
         self._pending = WorkerStats()
 
@@ -173,9 +186,10 @@ class PartitionWorker:
         log.info("partition_started", stream=self.stream, from_seq=self._last_seq + 1)
         task_status.started()
         try:
-            send, receive = anyio.create_memory_object_stream[list[Inbound]](
+            send, receive = anyio.create_memory_object_stream[list[Inbound] | Release](
                 max(0, self._settings.batches_in_flight - 1)
             )
+            self._inject = send.clone()
             pub_send, pub_receive = anyio.create_memory_object_stream[_ToPublish](1)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._pull_loop, consumer, send)
@@ -190,7 +204,19 @@ class PartitionWorker:
         log.info("partition_stopped", stream=self.stream, last_seq=self._last_seq)
 
     async def _pull_loop(
-        self, consumer: InputConsumer, send: ObjectSendStream[list[Inbound]]
+        self, consumer: InputConsumer, send: ObjectSendStream[list[Inbound] | Release]
+    ) -> None:
+        try:
+            await self._pull(consumer, send)
+        finally:
+            # Releases come in through a clone of the same stream: closing it too lets the
+            # apply loop see the end once what is queued has run.
+            if self._inject is not None:
+                self._inject.close()
+                self._inject = None
+
+    async def _pull(
+        self, consumer: InputConsumer, send: ObjectSendStream[list[Inbound] | Release]
     ) -> None:
         async with send:
             while not self._stop.is_set():
@@ -212,12 +238,15 @@ class PartitionWorker:
 
     async def _apply_loop(
         self,
-        receive: ObjectReceiveStream[list[Inbound]],
+        receive: ObjectReceiveStream[list[Inbound] | Release],
         pub_send: ObjectSendStream[_ToPublish],
     ) -> None:
         async with receive, pub_send, anyio.create_task_group() as actors_tg:
             self._actors_tg = actors_tg
             async for batch in receive:
+                if isinstance(batch, Release):
+                    await self._run_release(batch, pub_send)
+                    continue
                 write = await self.apply_batch(batch)
                 marks = self._publisher.take_marks()
                 write.sent, write.sent_ranges, write.failed = (
@@ -237,7 +266,92 @@ class PartitionWorker:
         async with receive:
             async for item in receive:
                 await self._publisher.send(item.rows, item.seq_range)
-                await consumer.ack_through(item.last)
+                if item.last is not None:
+                    await consumer.ack_through(item.last)
+
+    # -- parked entities ------------------------------------------------------------------------
+    async def release(self, kind: str, entity: str) -> dict[str, Any]:
+        """Release a parked entity: re-run its parked message, then those queued behind it, in
+        order, between two batches of the pipeline.  The result says what became of each."""
+        if self._inject is None:
+            return {"error": "the router is not running"}
+        request = Release(kind, entity)
+        try:
+            await self._inject.send(request)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return {"error": "the router is stopping"}
+        await request.done.wait()
+        return request.result
+
+    async def _run_release(self, request: Release, pub_send: ObjectSendStream[_ToPublish]) -> None:
+        try:
+            write, result = await self._release_write(request.kind, request.entity)
+            if write:
+                marks = self._publisher.take_marks()
+                write.sent, write.sent_ranges, write.failed = (
+                    marks.sent,
+                    marks.sent_ranges,
+                    marks.failed,
+                )
+                seq_range = await self._commit(write)
+                await pub_send.send(_ToPublish(write.outbox, seq_range, None))
+            request.result = result
+        finally:
+            request.done.set()
+
+    async def _release_write(self, kind: str, entity: str) -> tuple[BatchWrite, dict[str, Any]]:
+        spec = self._registry.get(kind)
+        if spec is None:
+            return BatchWrite(), {"error": f"unknown entity kind {kind!r}"}
+        key = (kind, entity)
+        rows = await self._store.parked(kind, entity)
+        stored = await self._store.entity(kind, entity)
+        if not rows and (stored is None or not stored.parked):
+            return BatchWrite(), {"error": f"{kind} {entity!r} is not parked"}
+        actor = self._actor(spec, entity, {key: stored} if stored is not None else {})
+        actor.parked = False
+        write, tracker = BatchWrite(), BatchTracker()
+        self._pending = WorkerStats()
+        deliveries: list[tuple[Delivery, ParkedRow]] = []
+        results: list[dict[str, Any]] = []
+        for row in rows:
+            message = Inbound(
+                row.subject,
+                row.data,
+                row.headers,
+                row.stream,
+                row.seq,
+                timestamp_ns=row.timestamp_ns,
+            )
+            try:
+                prepared = self._decoder.prepare(message)
+            except CodecError as exc:  # it decoded when it was parked; a schema change since
+                write.outbox.append(dead_letter_row(self._subjects, message, exc.code, exc.reason))
+                write.released.append((kind, entity, row.stream, row.seq))
+                results.append({"seq": row.seq, "outcome": "dead_lettered", "reason": exc.reason})
+                continue
+            delivery = Delivery(prepared, tracker)
+            actor.deliver(delivery)
+            deliveries.append((delivery, row))
+        await tracker.wait()
+        touched: dict[tuple[str, str], tuple[EntityActor, int]] = {}
+        now = time.time()
+        for delivery, row in deliveries:
+            outcome = delivery.outcome
+            if isinstance(outcome, Parked):
+                reason = outcome.reason
+                # Failed again (or behind one that did): it stays parked, in its place.
+                results.append({"seq": row.seq, "outcome": "parked", "reason": reason})
+                continue
+            write.released.append((kind, entity, row.stream, row.seq))
+            self._record(delivery, write, touched, now)
+            verdict = "applied" if isinstance(outcome, Applied) else "rejected"
+            reason = outcome.reason if isinstance(outcome, Refused) else ""
+            results.append({"seq": row.seq, "outcome": verdict, "reason": reason})
+        state = actor.state if actor.load_error else self._encoder.encode(actor.state)
+        last = max((seq for _, seq in touched.values()), default=stored.seq if stored else 0)
+        write.entities.append(EntityRow(kind, entity, state, actor.parked, last))
+        return write, {"kind": kind, "id": entity, "parked": actor.parked, "messages": results}
 
     # -- replay ---------------------------------------------------------------------------------
     async def replay(
@@ -362,7 +476,16 @@ class PartitionWorker:
             write.applied.append(
                 AppliedRow(command.id, kind, entity, msg.seq, "rejected", outcome.reason, now)
             )
-            write.outbox.append(dead_letter_row(self._subjects, msg, outcome.code, outcome.reason))
+            write.outbox.append(
+                dead_letter_row(
+                    self._subjects,
+                    msg,
+                    outcome.code,
+                    outcome.reason,
+                    kind=f"{kind}.{command.name}",
+                    entity=entity,
+                )
+            )
         elif isinstance(outcome, Parked):
             self._pending.parked += 1
             write.parked.append(
@@ -378,6 +501,7 @@ class PartitionWorker:
                     reason=outcome.reason,
                     failures=outcome.failures,
                     parked_at=now,
+                    timestamp_ns=msg.timestamp_ns,
                 )
             )
             if not outcome.behind:

@@ -68,6 +68,8 @@ class ParkedRow:
     reason: str
     failures: int
     parked_at: float
+    timestamp_ns: int = 0
+    """When the input stream stored it (decides the reference data in force); 0 if unknown."""
 
 
 @dataclass(slots=True)
@@ -85,6 +87,8 @@ class BatchWrite:
     """Outbox seq ranges (first, last, time) of whole batches confirmed: one UPDATE each."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     """Outbox keys that cannot be published (no stream for the subject), with the error."""
+    released: list[tuple[str, str, str, int]] = field(default_factory=list)
+    """Parked messages (kind, id, stream, seq) that a release applied: no longer parked."""
 
     def __bool__(self) -> bool:
         return bool(
@@ -96,4 +100,5 @@ class BatchWrite:
             or self.sent
             or self.sent_ranges
             or self.failed
+            or self.released
         )

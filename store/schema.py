@@ -10,6 +10,11 @@ PRAGMAS = (
     "PRAGMA temp_store=MEMORY",
 )
 
+MIGRATIONS = (
+    # (table, column, definition): columns added after a table first shipped.
+    ("parked", "timestamp_ns", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 DDL = (
     """CREATE TABLE IF NOT EXISTS meta (
         key TEXT PRIMARY KEY,
@@ -65,6 +70,7 @@ DDL = (
         reason TEXT NOT NULL,
         failures INTEGER NOT NULL,
         parked_at REAL NOT NULL,
+        timestamp_ns INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (kind, id, stream, seq)
     ) WITHOUT ROWID""",
     # Position in each input stream up to which everything is applied and committed.

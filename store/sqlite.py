@@ -18,7 +18,7 @@ import orjson
 from caresync.store.errors import StoreError, StoreSchemaError, map_sqlite_error
 from caresync.store.ingest import IngestLog
 from caresync.store.records import BatchWrite, EntityRow, ParkedRow, PendingEffect
-from caresync.store.schema import DDL, PRAGMAS, SCHEMA_VERSION
+from caresync.store.schema import DDL, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
 
 # SQLite's default limit on host parameters is 32766 in current builds; stay well below.
 _CHUNK = 500
@@ -122,6 +122,11 @@ class Store:
             await conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             for stmt in DDL:
                 await conn.execute(stmt)
+            for table, column, definition in MIGRATIONS:
+                async with conn.execute(f"PRAGMA table_info({table})") as cur:
+                    columns = {row[1] for row in await cur.fetchall()}
+                if column not in columns:
+                    await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, f"opening store {path}") from exc
         store = cls(conn, path)
@@ -264,8 +269,8 @@ class Store:
                 if write.parked:
                     await conn.executemany(
                         "INSERT INTO parked (kind, id, stream, seq, command_id, subject, "
-                        "data, headers, reason, failures, parked_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        "data, headers, reason, failures, parked_at, timestamp_ns) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         [
                             (
                                 p.kind,
@@ -279,9 +284,15 @@ class Store:
                                 p.reason,
                                 p.failures,
                                 p.parked_at,
+                                p.timestamp_ns,
                             )
                             for p in write.parked
                         ],
+                    )
+                if write.released:
+                    await conn.executemany(
+                        "DELETE FROM parked WHERE kind = ? AND id = ? AND stream = ? AND seq = ?",
+                        write.released,
                     )
                 if write.sent_ranges:
                     await conn.executemany(
@@ -362,7 +373,7 @@ class Store:
         """Parked messages, in the order they will be released."""
         sql = (
             "SELECT kind, id, stream, seq, command_id, subject, data, headers, reason, failures, "
-            "parked_at FROM parked"
+            "parked_at, timestamp_ns FROM parked"
         )
         params: list[str] = []
         if kind is not None and id is not None:
@@ -371,8 +382,8 @@ class Store:
         async with self._conn.execute(sql + " ORDER BY kind, id, stream, seq", params) as cur:
             rows = await cur.fetchall()
         return [
-            ParkedRow(k, i, st, sq, c, su, d, _load_headers(h), r, f, at)
-            for k, i, st, sq, c, su, d, h, r, f, at in rows
+            ParkedRow(k, i, st, sq, c, su, d, _load_headers(h), r, f, at, ts)
+            for k, i, st, sq, c, su, d, h, r, f, at, ts in rows
         ]
 
     async def outcome(self, kind: str, entity: str, command_id: str) -> tuple[str, str] | None:
@@ -395,6 +406,20 @@ class Store:
         ) as cur:
             row = await cur.fetchone()
         return (str(row[0]), str(row[1]), int(row[2])) if row else None
+
+    async def forget_rejection(self, kind: str, entity: str, command_id: str) -> bool:
+        """Drop the dedupe record of a command that was *rejected*, so that it can be retried;
+        an accepted command is never forgotten.  True if there was one."""
+        async with self._write_lock:
+            try:
+                cur = await self._conn.execute(
+                    "DELETE FROM applied WHERE kind = ? AND entity = ? AND command_id = ?"
+                    " AND outcome = 'rejected'",
+                    (kind, entity, command_id),
+                )
+                return bool(cur.rowcount)
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, "forgetting a rejection") from exc
 
     async def outbox_headers(self, key: str) -> dict[str, str] | None:
         """Headers of one outbox row (a dead letter's reason), or None if there is no row."""
