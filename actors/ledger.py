@@ -60,7 +60,18 @@ def sent(ledger: Ledger, keys: tuple[str, ...]) -> Ledger:
 
 
 def acknowledged(ledger: Ledger, ack: DownstreamAck) -> Ledger:
-    """Apply an acknowledgement; one for an effect not pending changes nothing."""
+    """Apply an acknowledgement; one for an effect not pending changes nothing, except that a
+    failed effect sent again (``caresync retry-failed``) leaves ``failed`` once it succeeds."""
+    if ack.effect_key in ledger.failed and ack.effect_key not in ledger.pending:
+        if ack.outcome == "failed":
+            return msgspec.structs.replace(ledger, last_error=ack.error)
+        failed = tuple(k for k in ledger.failed if k != ack.effect_key)
+        return msgspec.structs.replace(
+            ledger,
+            failed=failed,
+            acked=ledger.acked + 1,
+            last_error=ledger.last_error if failed else "",
+        )
     if ack.effect_key not in ledger.pending:
         return ledger
     pending = tuple(k for k in ledger.pending if k != ack.effect_key)

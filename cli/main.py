@@ -103,6 +103,17 @@ def _parser() -> argparse.ArgumentParser:
     dlq_drop.add_argument("seqs", type=int, nargs="+", metavar="SEQ", help="letters to drop")
     dlq_drop.set_defaults(run=lambda a, c: _dlq(a, c))
 
+    retry = sub.add_parser(
+        "retry-failed",
+        parents=[client],
+        help="send effects that failed for good once more, with the same idempotency key",
+    )
+    retry.add_argument(
+        "--downstream", default="", choices=["", "billing", "erp", "supply"], help="one system"
+    )
+    retry.add_argument("--json", action="store_true", help="one JSON object")
+    retry.set_defaults(run=lambda a, c: _retry_failed(a, c))
+
     parked = sub.add_parser("parked", help="entities held back by a failing message")
     parked_sub = parked.add_subparsers(dest="parked_command", required=True, metavar="ACTION")
     parked_list = parked_sub.add_parser("list", parents=[client], help="parked messages")
@@ -338,6 +349,12 @@ async def _dlq(args: argparse.Namespace, ctx: Context) -> int:
     if action == "retry":
         return await dlq.run_dlq_retry(ctx, args.nats, args.seqs, args.wait, args.json)
     return await dlq.run_dlq_drop(ctx, args.nats, args.seqs)
+
+
+async def _retry_failed(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.parked import run_retry_failed
+
+    return await run_retry_failed(ctx, args.nats, args.downstream, args.json)
 
 
 async def _parked(args: argparse.Namespace, ctx: Context) -> int:

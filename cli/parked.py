@@ -1,4 +1,4 @@
-"""``caresync parked list|release``: entities held back by a failing message."""
+"""``caresync parked list|release`` and ``caresync retry-failed``: what waits for an operator."""
 
 from __future__ import annotations
 
@@ -59,3 +59,31 @@ async def run_parked_release(
         state = "still parked" if reply["parked"] else "released"
         print(f"{kind} {entity}: {state}")
     return 1 if reply["parked"] else 0
+
+
+async def run_retry_failed(ctx: Context, nats_flag: str | None, system: str, as_json: bool) -> int:
+    """Send the failed effects (of one system) again; exit 1 if there was none or one could
+    not be sent."""
+    subjects = subjects_for(ctx.config)
+    nc = await connect_client(resolve_url(ctx, nats_flag))
+    try:
+        reply = await request_json(nc, subjects.control("retry_failed"), {"system": system}, 60.0)
+    finally:
+        await nc.close()
+    if "error" in reply:
+        raise CommandError(reply["error"])
+    sent, not_sent = reply["sent"], reply["not_sent"]
+    if as_json:
+        print(orjson.dumps(reply).decode())
+    else:
+        for effect in sent:
+            print(
+                f"sent again: {effect['system']} {effect['operation']} {effect['key']} "
+                f"(it failed with: {effect['last_error']})"
+            )
+        for effect in not_sent:
+            print(f"not sent: {effect['system']} {effect['key']}: {effect['reason']}")
+    if not sent and not not_sent:
+        where = f" for {system}" if system else ""
+        raise CommandError(f"no failed effects{where}: nothing to retry")
+    return 1 if not_sent else 0

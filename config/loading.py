@@ -417,6 +417,8 @@ def _describe_field(field: msgspec.structs.FieldInfo) -> str:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

@@ -240,6 +240,20 @@ class ConnectorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     enabled: Annotated[
         bool, Meta(description="Deliver this system's effects from this process")
     ] = True
+    transient_http_statuses: Annotated[
+        list[Annotated[int, Meta(ge=100, le=599)]],
+        Meta(
+            description="HTTP: statuses that are retried (the system may pass); any other "
+            "error status fails the effect at once"
+        ),
+    ] = msgspec.field(default_factory=lambda: [408, 425, 429, 500, 502, 503, 504])
+    retry_on_timeout: Annotated[
+        bool,
+        Meta(
+            description="Retry a call that got no answer in time (safe: the idempotency key "
+            "makes a repeat a duplicate); false fails the effect at once"
+        ),
+    ] = True
 
 
 class DownstreamConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -1,10 +1,11 @@
 """Reaching a downstream system over HTTP: ``POST <url>/<operation>`` with httpx.
 
 Status codes map to outcomes: 2xx is success (``outcome`` from the JSON reply, ``created``
-when the body says nothing), 409 with ``"outcome": "duplicate"`` is a duplicate, 408, 429 and
-5xx are transient (honouring ``Retry-After`` in seconds), any other status is permanent.
-Connection errors and timeouts are transient.  ``transport`` is httpx's seam: tests may pass
-``httpx.MockTransport``.
+when the body says nothing), 409 with ``"outcome": "duplicate"`` is a duplicate, the statuses
+in ``transient_http_statuses`` (default 408, 425, 429, 500, 502, 503, 504) are transient
+(honouring ``Retry-After`` in seconds), any other status is permanent.  Connection errors are
+transient; timeouts too unless ``retry_on_timeout`` is false.  ``transport`` is httpx's seam:
+tests may pass ``httpx.MockTransport``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from caresync.connectors.downstream import (
     split_header,
 )
 from caresync.connectors.errors import ConnectorSetupError, PermanentError, TransientError
-
-_TRANSIENT_STATUS = frozenset({408, 429})
 
 
 class HttpDownstream:
@@ -40,6 +39,8 @@ class HttpDownstream:
         auth = split_header(cfg.auth_header)
         if auth is not None:
             headers[auth[0]] = auth[1]
+        self._transient = frozenset(cfg.transient_http_statuses)
+        self._retry_on_timeout = cfg.retry_on_timeout
         self._client = httpx.AsyncClient(
             base_url=cfg.url.rstrip("/") + "/",
             headers=headers,
@@ -57,17 +58,18 @@ class HttpDownstream:
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise PermanentError(f"{what}: {exc}") from exc
         except httpx.TimeoutException as exc:
-            raise TransientError(f"{what}: timed out ({type(exc).__name__})") from exc
+            error = TransientError if self._retry_on_timeout else PermanentError
+            raise error(f"{what}: timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise TransientError(f"{what}: {str(exc) or type(exc).__name__}") from exc
-        return _interpret(what, response)
+        return _interpret(what, response, self._transient)
 
     async def aclose(self) -> None:
         """Close the connection pool (idempotent)."""
         await self._client.aclose()
 
 
-def _interpret(what: str, response: httpx.Response) -> Delivery:
+def _interpret(what: str, response: httpx.Response, transient: frozenset[int]) -> Delivery:
     status = response.status_code
     what = f"{what}: HTTP {status}"
     reply = decode_reply(response.content)
@@ -81,7 +83,7 @@ def _interpret(what: str, response: httpx.Response) -> Delivery:
         return Delivery("duplicate", str(reply.reference))
     detail = reply.error if reply is not None and reply.error else response.text[:200]
     message = f"{what} {detail}".rstrip()
-    if status in _TRANSIENT_STATUS or status >= 500:
+    if status in transient:
         raise TransientError(message, retry_after_s=_retry_after_s(response))
     raise PermanentError(message)
 

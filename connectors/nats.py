@@ -26,6 +26,7 @@ class NatsDownstream:
         self._nc = nc
         self._prefix = f"{cfg.subject_prefix}.{system}"
         self._timeout_s = cfg.timeout_s
+        self._retry_on_timeout = cfg.retry_on_timeout
 
     def subject(self, operation: str) -> str:
         """Where a call of ``operation`` is sent."""
@@ -45,7 +46,8 @@ class NatsDownstream:
         except nats.errors.NoRespondersError as exc:
             raise TransientError(f"{subject}: no responders (the system is down)") from exc
         except nats.errors.TimeoutError as exc:
-            raise TransientError(f"{subject}: no reply within {self._timeout_s} s") from exc
+            error = TransientError if self._retry_on_timeout else PermanentError
+            raise error(f"{subject}: no reply within {self._timeout_s} s") from exc
         except nats.errors.Error as exc:
             raise TransientError(f"{subject}: {str(exc) or type(exc).__name__}") from exc
         reply = decode_reply(msg.data)

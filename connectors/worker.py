@@ -34,10 +34,12 @@ from caresync.connectors.errors import ConnectorSetupError, PermanentError, Tran
 from caresync.router.jetstream import JetStreamConsumer, JetStreamTransport
 from caresync.router.outbox_rows import dead_letter_row
 from caresync.router.transport import Inbound, Outbound, PublishStatus
-from caresync.store import Store
+from caresync.store import CallRow, Store
 
 log = structlog.get_logger("caresync.connectors")
 
+RETRY_OF = "Caresync-Retry-Of"
+"""Header of an effect published again by ``caresync retry-failed`` (its key)."""
 _BATCH = 16
 _IDLE_WAIT_S = 1.0
 _SHUTDOWN_S = 2.0
@@ -161,15 +163,19 @@ class ConnectorWorker:
         except CodecError as exc:
             await self._dead_letter(message, exc.code, exc.reason)
             return
+        # A failed effect sent again (``caresync retry-failed``) is a new round of delivery.
+        retried = RETRY_OF in (message.headers or {})
+        rounds = _failures(await self._store.calls(effect.id)) if retried else 0
         ack = await self._call(message, effect)
         owner = owner_kind(effect, self.system)
-        await self._publish(ack_message(self._subjects, effect, owner, ack), message)
+        await self._publish(ack_message(self._subjects, effect, owner, ack, rounds), message)
 
     async def _call(self, message: Inbound, effect: Envelope) -> DownstreamAck:
         """Call until success, a permanent error or ``max_attempts``; record every attempt."""
         key = effect.id
         # Attempts count on across redeliveries; only a bounded budget needs them up front.
-        attempt = len(await self._store.calls(key)) if self._cfg.max_attempts else 0
+        # An effect sent again after it failed (``caresync retry-failed``) has a fresh budget.
+        attempt = _since_failure(await self._store.calls(key)) if self._cfg.max_attempts else 0
         retries = 0
         while True:
             attempt += 1
@@ -265,3 +271,16 @@ class ConnectorWorker:
     def _bump(self, **deltas: int) -> None:
         s = self._stats
         self._stats = replace(s, **{name: getattr(s, name) + n for name, n in deltas.items()})
+
+
+def _since_failure(calls: list[CallRow]) -> int:
+    """Attempts made since the effect last failed for good (all of them if it never did)."""
+    count = 0
+    for call in calls:
+        count = 0 if call.outcome == "failed" else count + 1
+    return count
+
+
+def _failures(calls: list[CallRow]) -> int:
+    """How many times the effect failed for good."""
+    return sum(1 for call in calls if call.outcome == "failed")

@@ -20,6 +20,7 @@ from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
 from caresync.router.dead_letters import retry_dead_letter
 from caresync.router.report import build_report
+from caresync.router.retry_failed import retry_failed
 from caresync.router.runtime import Router
 from caresync.router.views import appointment_view, item_view
 from caresync.store import ParkedRow, Store
@@ -101,6 +102,9 @@ class ControlResponder:
         if op == "dlq_retry":
             body = orjson.loads(msg.data)
             return await retry_dead_letter(self._nc, self._store, self._subjects, int(body["seq"]))
+        if op == "retry_failed":
+            body = orjson.loads(msg.data) if msg.data.strip() else {}
+            return await retry_failed(self._nc, self._store, self._subjects, body.get("system", ""))
         if op == "parked":
             return {"parked": [_parked_row(p) for p in await self._store.parked()]}
         if op == "release":

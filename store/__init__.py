@@ -12,11 +12,12 @@ from caresync.store.records import (
     ParkedRow,
     PendingEffect,
 )
-from caresync.store.sqlite import Store
+from caresync.store.sqlite import CallRow, Store
 
 __all__ = [
     "AppliedRow",
     "BatchWrite",
+    "CallRow",
     "EntityRow",
     "IngestLog",
     "IngestRow",

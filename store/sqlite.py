@@ -576,6 +576,33 @@ class Store:
             for k, s, o, a, out, e, r, at in rows
         ]
 
+    async def failed_effects(self, system: str = "") -> list[CallRow]:
+        """The effects whose latest attempt failed for good (of one system, or all)."""
+        sql = (
+            "SELECT c.effect_key, c.system, c.operation, c.attempt, c.outcome, c.error,"
+            " c.reference, c.at FROM downstream_calls c"
+            " WHERE c.outcome = 'failed' AND c.attempt = (SELECT max(attempt)"
+            " FROM downstream_calls l WHERE l.effect_key = c.effect_key)"
+        )
+        params: tuple[str, ...] = ()
+        if system:
+            sql += " AND c.system = ?"
+            params = (system,)
+        async with self._conn.execute(sql + " ORDER BY c.at", params) as cur:
+            rows = await cur.fetchall()
+        return [
+            CallRow(str(k), str(s), str(o), int(a), str(out), str(e), str(r), float(at))
+            for k, s, o, a, out, e, r, at in rows
+        ]
+
+    async def outbox_row(self, key: str) -> tuple[str, bytes] | None:
+        """Subject and payload of the effect with idempotency key ``key``, while kept."""
+        async with self._conn.execute(
+            "SELECT subject, payload FROM outbox WHERE key = ?", (key,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
     async def call_counts(self) -> dict[str, dict[str, int]]:
         """Attempts recorded per downstream system and outcome."""
         try:
