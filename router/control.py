@@ -101,7 +101,7 @@ class ControlResponder:
             return await self.verdict(_verdict_decoder.decode(msg.data))
         if op == "dlq_retry":
             body = orjson.loads(msg.data)
-            return await retry_dead_letter(self._nc, self._store, self._subjects, int(body["seq"]))
+            return await retry_dead_letter(self._nc, self._subjects, int(body["seq"]))
         if op == "retry_failed":
             body = orjson.loads(msg.data) if msg.data.strip() else {}
             return await retry_failed(self._nc, self._store, self._subjects, body.get("system", ""))

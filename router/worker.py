@@ -19,6 +19,7 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 
 from caresync.actors.contract import EntityKind, Registry
 from caresync.codecs import CodecError, Subjects
@@ -159,7 +160,7 @@ class PartitionWorker:
         self._last_seq = 0
         self._stop = anyio.Event()
         self._pull_scope: anyio.CancelScope | None = None
-        self._inject: ObjectSendStream[list[Inbound] | Release] | None = None
+        self._inject: MemoryObjectSendStream[list[Inbound] | Release] | None = None
         self._registry = registry
         self.stats = WorkerStats()
         self._pending = WorkerStats()

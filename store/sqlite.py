@@ -407,20 +407,6 @@ class Store:
             row = await cur.fetchone()
         return (str(row[0]), str(row[1]), int(row[2])) if row else None
 
-    async def forget_rejection(self, kind: str, entity: str, command_id: str) -> bool:
-        """Drop the dedupe record of a command that was *rejected*, so that it can be retried;
-        an accepted command is never forgotten.  True if there was one."""
-        async with self._write_lock:
-            try:
-                cur = await self._conn.execute(
-                    "DELETE FROM applied WHERE kind = ? AND entity = ? AND command_id = ?"
-                    " AND outcome = 'rejected'",
-                    (kind, entity, command_id),
-                )
-                return bool(cur.rowcount)
-            except sqlite3.Error as exc:
-                raise map_sqlite_error(exc, "forgetting a rejection") from exc
-
     async def outbox_headers(self, key: str) -> dict[str, str] | None:
         """Headers of one outbox row (a dead letter's reason), or None if there is no row."""
         async with self._conn.execute("SELECT headers FROM outbox WHERE key = ?", (key,)) as cur:

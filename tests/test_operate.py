@@ -18,6 +18,7 @@ from test_cli import CARESYNC
 from test_router_nats import POKE, Poked, Pokes, stats
 
 from caresync.actors import Accepted, Registry, default_registry
+from caresync.actors.appointment import AppointmentState
 from caresync.codecs import encode_envelope, make_envelope
 from caresync.config import Config, dump_toml
 from caresync.router.service import open_store, subjects_for
@@ -207,11 +208,13 @@ async def test_dead_letters_are_listed_shown_retried_and_dropped(
         assert "no dead letter #999999" in nothing.stdout
 
     async with await open_store(cfg, tmp_path) as store:
-        record = await store.applied_record("appointment", "HOSP:A1", "cancel-1")
+        original = await store.applied_record("appointment", "HOSP:A1", "cancel-1")
         state = await store.entity("appointment", "HOSP:A1")
-    assert record is not None
-    assert record[0] == "accepted"
+    # The original stays what it was (rejected); its retry was a command of its own.
+    assert original is not None
+    assert original[0] == "rejected"
     assert state is not None
+    assert msgspec.msgpack.decode(state.state, type=AppointmentState).status == "cancelled"
 
 
 async def _letters(js: Any, stream: str, n: int) -> bool:
