@@ -41,17 +41,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def start_up(data: Path, log_path: Path) -> subprocess.Popen[str]:
+    """``caresync up --data-dir DATA`` with a clean environment; stderr to ``log_path``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
-    with (tmp_path / "up.log").open("w") as log:
-        up = subprocess.Popen(
+    with log_path.open("w") as log:
+        return subprocess.Popen(
             [CARESYNC, "up", "--data-dir", str(data)],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
             env=env,
         )
+
+
+def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    up = start_up(data, tmp_path / "up.log")
     try:
         assert up.stdout is not None
         line = up.stdout.readline()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cli import CARESYNC, run
+from test_cli import CARESYNC, run, start_up
 
 import caresync.config
 
@@ -37,15 +37,7 @@ def siu(event: str, control: str, filler: str, msh7: str = "20261124081500") -> 
 def router(tmp_path: Path) -> Iterator[Path]:
     """A running ``caresync up`` with the demo reference data; yields its data dir."""
     data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
-    with (tmp_path / "up.log").open("w") as log:
-        up = subprocess.Popen(
-            [CARESYNC, "up", "--data-dir", str(data)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
+    up = start_up(data, tmp_path / "up.log")
     try:
         assert up.stdout is not None
         assert "router ready" in up.stdout.readline()

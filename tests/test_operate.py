@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from harness import client, load_refdata, make_config, running, wait_for
 from test_cli import CARESYNC
-from test_router_nats import POKE, Poked, Pokes, stats
+from test_router_nats import POKE, Poked, Pokes, poke_message, stats
 
 from caresync.actors import Accepted, Registry, default_registry
 from caresync.actors.appointment import AppointmentState
@@ -65,10 +65,7 @@ async def test_a_released_entity_runs_its_parked_messages_in_order(
     subjects = subjects_for(cfg)
 
     def poke(entity: str, n: int, poison: bool = False) -> tuple[str, bytes]:
-        env = make_envelope(
-            id=f"{entity}-{n}", kind="poke.poke", entity=entity, payload={"poison": poison}
-        )
-        return subjects.command("poke", entity), encode_envelope(env)
+        return poke_message(subjects, entity, n, poison)
 
     SICK["on"] = True
     async with running(cfg, nats_url, tmp_path, registry) as service, client(nats_url) as nc:

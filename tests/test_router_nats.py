@@ -26,7 +26,7 @@ from workflow_network import demo_refdata
 
 from caresync.actors import Accepted, EntityKind, Registry, default_registry
 from caresync.actors.appointment import AppointmentState
-from caresync.codecs import encode_envelope, make_envelope
+from caresync.codecs import Subjects, encode_envelope, make_envelope
 from caresync.codecs.refdata import encode_refdata_set
 from caresync.config import Config
 from caresync.router.refdata import RefDataCatalog
@@ -206,6 +206,16 @@ def _decide(state: Pokes, command: Any) -> Accepted[Poked]:
     return Accepted(events=(Poked(),))
 
 
+def poke_message(
+    subjects: Subjects, entity: str, n: int, poison: bool = False
+) -> tuple[str, bytes]:
+    """Subject and bytes of poke number ``n`` to ``entity`` (id ``<entity>-<n>``)."""
+    env = make_envelope(
+        id=f"{entity}-{n}", kind="poke.poke", entity=entity, payload={"poison": poison}
+    )
+    return subjects.command("poke", entity), encode_envelope(env)
+
+
 POKE = EntityKind(
     name="poke",
     state_type=Pokes,
@@ -227,10 +237,7 @@ async def test_a_poison_message_parks_its_entity_and_others_keep_flowing(
     subjects = subjects_for(cfg)
 
     def poke(entity: str, n: int, poison: bool = False) -> tuple[str, bytes]:
-        env = make_envelope(
-            id=f"{entity}-{n}", kind="poke.poke", entity=entity, payload={"poison": poison}
-        )
-        return subjects.command("poke", entity), encode_envelope(env)
+        return poke_message(subjects, entity, n, poison)
 
     async with running(cfg, nats_url, tmp_path, registry) as service, client(nats_url) as nc:
         js = nc.jetstream()
