@@ -179,7 +179,8 @@ def evolve(state: BillingState, event: Event) -> BillingState:
             readiness=event.readiness,
             payer_id=event.payer_id,
             lines=(*state.lines, *event.lines),
-            reversal_flagged=state.reversal_flagged or event.reversal,
+            # Booked again after a closure: the next closure must be reversed again.
+            reversal_flagged=event.reversal or (state.reversal_flagged and event.status in _CLOSED),
             ledger=sent(state.ledger, event.keys),
         )
     if isinstance(event, Claimed):

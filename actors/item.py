@@ -212,6 +212,7 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
     """Turn one command into events, then apply the replenishment rule."""
     p = command.payload
     events: list[Event]
+    first: list[Effect] = []
     if isinstance(p, SetStock):
         if min(p.on_hand, p.reorder_point, p.reorder_quantity) < 0:
             return Rejected(f"stock of {state.id}: negative value in {p}")
@@ -256,11 +257,13 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
             return Rejected(f"requisition {p.request_id} of {state.id}: quantity is not positive")
         if _po(state, _request_po(state, p.request_id)) is not None:
             return Accepted()  # the same requisition again: it already has its order
-        return _requisition(state, command, p)
+        requested, effect = _requisition(state, command, p)
+        events, first = [requested], [effect]
     else:
         return Rejected(f"item does not handle {type(p).__name__}")
     after = apply_all(state, events)
     more, effects = _replenish(after, command)
+    effects = first + effects
     events += more
     after = apply_all(after, more)
     consumed = next((e for e in events if isinstance(e, Consumed)), None)
@@ -278,20 +281,30 @@ def _po(state: ItemState, po_id: str) -> PurchaseOrder | None:
 
 
 def _replenish(state: ItemState, command: Command[Any]) -> tuple[list[Event], list[Effect]]:
-    """The replenishment rule: order on a crossing, re-arm above the reorder point."""
+    """The replenishment rule: order on a crossing, re-arm above the reorder point — also
+    right after an order that lifts the projection above it, so that the next fall is a new
+    crossing."""
     if not state.stocked:
         return [], []
     if state.available > state.reorder_point:
         return ([Rearmed()] if not state.armed else []), []
     if not state.armed or state.reorder_quantity <= 0:
         return [], []
+    ordered, effect = _order(state, command)
+    if evolve(state, ordered).available > state.reorder_point:
+        return [ordered, Rearmed()], [effect]
+    return [ordered], [effect]
+
+
+def _order(state: ItemState, command: Command[Any]) -> tuple[Ordered, Effect]:
+    """The purchase order of the next crossing."""
     crossing = state.crossings + 1
     po_id = f"PO:{state.id}:{crossing}"
     item = command.refdata.item(state.item_id) if command.refdata is not None else None
     supplier_id = item.supplier_id if item is not None else ""
     unit_cost = str(item.unit_cost) if item is not None else ""
     ordered = Ordered(po_id=po_id, quantity=state.reorder_quantity, supplier_id=supplier_id)
-    effect = Effect(
+    return ordered, Effect(
         target=ActorRef("erp", state.facility_id),
         name="purchase_order",
         # Keyed by the crossing, not by the command: the same crossing is the same order.
@@ -305,7 +318,6 @@ def _replenish(state: ItemState, command: Command[Any]) -> tuple[list[Event], li
             "unit_cost": unit_cost,
         },
     )
-    return [ordered], [effect]
 
 
 def _request_po(state: ItemState, request_id: str) -> str:
@@ -314,7 +326,7 @@ def _request_po(state: ItemState, request_id: str) -> str:
 
 def _requisition(
     state: ItemState, command: Command[Any], p: RequestSupply
-) -> Accepted[Event] | Rejected:
+) -> tuple[Requested, Effect]:
     """A source system asked for stock: one purchase order keyed by the requisition."""
     po_id = _request_po(state, p.request_id)
     item = command.refdata.item(state.item_id) if command.refdata is not None else None
@@ -333,7 +345,7 @@ def _requisition(
             "unit_cost": str(item.unit_cost) if item is not None else "",
         },
     )
-    return Accepted(events=(event,), effects=(effect,))
+    return event, effect
 
 
 def _posting(state: ItemState, command: Command[Any], consumed: Consumed) -> Effect:
