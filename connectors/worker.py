@@ -5,7 +5,10 @@ The worker reads a durable consumer ``connector-<system>`` on the output stream,
 out the next effect only once the previous one is acked, so the order holds across reconnects,
 restarts and several router processes sharing the durable.  An effect that fails transiently
 stays unacked while it is retried with exponential back-off; a ``+WPI`` (work in progress)
-before every attempt and every pause keeps the server from redelivering it meanwhile.  Every
+every second while an effect is in hand keeps the server from redelivering it meanwhile, so
+the ack wait can be short: when a router dies with an effect in hand, nothing else of that
+system is handed out until the server redelivers it (``max_ack_pending = 1``), and a short ack
+wait makes that seconds rather than half a minute.  Every
 attempt is recorded in the store; the final outcome is sent to the owning actor as a
 ``downstream_ack`` command (see ``acks.py``), then the message is acked.
 
@@ -34,7 +37,7 @@ from caresync.connectors.errors import ConnectorSetupError, PermanentError, Tran
 from caresync.router.jetstream import JetStreamConsumer, JetStreamTransport
 from caresync.router.outbox_rows import dead_letter_row
 from caresync.router.transport import Inbound, Outbound, PublishStatus
-from caresync.store import CallRow, Store
+from caresync.store import CallRow, Store, StoreUnavailable
 
 log = structlog.get_logger("caresync.connectors")
 
@@ -43,6 +46,12 @@ RETRY_OF = "Caresync-Retry-Of"
 _BATCH = 16
 _IDLE_WAIT_S = 1.0
 _SHUTDOWN_S = 2.0
+_PROGRESS_EVERY_S = 1.0
+"""While an effect is in hand, a ``+WPI`` this often (whatever the call or publish is doing)."""
+_ACK_WAIT_S = 5.0
+"""Redelivery delay: several progress signals long, so that only a dead worker misses it."""
+_STORE_RETRY_INITIAL_S = 0.05
+_STORE_RETRY_MAX_S = 2.0
 _COUNTER = {"created": "delivered", "duplicate": "duplicates", "failed": "failed"}
 
 
@@ -96,9 +105,9 @@ class ConnectorWorker:
 
     @property
     def ack_wait_s(self) -> float:
-        """Redelivery delay: longer than the longest gap between two progress signals."""
-        gap_s = self._cfg.timeout_s + self._cfg.backoff_max_ms / 1000 + self._publish_timeout_s
-        return max(30.0, 2 * gap_s)
+        """Redelivery delay of an effect in hand: how long the system's deliveries wait after
+        a worker died holding one (progress is signalled every second while it lives)."""
+        return _ACK_WAIT_S
 
     def statistics(self) -> ConnectorStats:
         """A snapshot of the counters."""
@@ -147,7 +156,10 @@ class ConnectorWorker:
     async def _handle(self, consumer: JetStreamConsumer, message: Inbound) -> None:
         if message.seq > self._done_seq:  # else a redelivery of one done (its ack was lost)
             self._in_hand = message
-            await self._deliver(message)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_in_hand, message)
+                await self._deliver(message)
+                tg.cancel_scope.cancel()
         await consumer.ack_through(message)
         self._done_seq = max(self._done_seq, message.seq)
         self._in_hand = None
@@ -226,9 +238,25 @@ class ConnectorWorker:
     async def _record(
         self, effect: Envelope, outcome: str, *, error: str = "", reference: str = ""
     ) -> int:
-        return await self._store.record_call(
-            effect.id, self.system, effect.command, outcome, error=error, reference=reference
-        )
+        """Record one attempt; a store that is locked or full is waited out with back-off
+        (the effect stays in hand, unacked), as the router's own commits are."""
+        delay_s = _STORE_RETRY_INITIAL_S
+        while True:
+            try:
+                return await self._store.record_call(
+                    effect.id,
+                    self.system,
+                    effect.command,
+                    outcome,
+                    error=error,
+                    reference=reference,
+                )
+            except StoreUnavailable as exc:
+                self._log.warning(
+                    "store_unavailable", effect_key=effect.id, error=str(exc), retry_in_s=delay_s
+                )
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, _STORE_RETRY_MAX_S)
 
     def _backoff_s(self, retries: int, retry_after_s: float | None) -> float:
         cfg = self._cfg
@@ -257,6 +285,11 @@ class ConnectorWorker:
         self._log.warning("effect_dead_lettered", subject=message.subject, code=code, reason=reason)
         await self._publish(Outbound(row.key, row.subject, row.payload, row.headers), message)
         self._bump(dead_lettered=1)
+
+    async def _keep_in_hand(self, message: Inbound) -> None:
+        while True:
+            await anyio.sleep(_PROGRESS_EVERY_S)
+            await self._signal(message, b"+WPI")
 
     async def _signal(self, message: Inbound, body: bytes) -> None:
         # Progress (+WPI) and hand-back (-NAK) are hints: if one is lost, the server

@@ -2,11 +2,11 @@
 
 A canonical command that was dead-lettered never took effect (it was rejected or did not
 decode), so its retry is sent as a *new* command: the same envelope with the id
-``<id>~retry-<letter seq>-<attempt>`` (caused by, and correlated with, the original), on the subject it
-first arrived on.  The live router and any later replay then treat the retry alike: a new id,
-decided on its own, deduplicated like any other.  A raw HL7 or FHIR message goes back to its
-raw subject as it was, and the ingest stage decodes it again.  The publisher then asks for the
-new verdict.
+``<id>~retry-<letter seq>-<attempt>`` (caused by, and correlated with, the original), on the
+subject it first arrived on.  The live router and any later replay then treat the retry alike:
+a new id, decided on its own, deduplicated like any other.  A raw HL7 or FHIR message goes back
+to its raw subject as it was, and the ingest stage decodes it again.  The publisher then asks
+for the new verdict.
 """
 
 from __future__ import annotations

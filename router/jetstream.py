@@ -31,6 +31,15 @@ from caresync.router.transport import Inbound, Outbound, PublishResult, PublishS
 log = structlog.get_logger("caresync.jetstream")
 
 _MSG_ID = "Nats-Msg-Id"
+_API_RETRY_INITIAL_S = 0.1
+_API_RETRY_MAX_S = 2.0
+_API_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""JetStream API failures that pass once the server (or its meta leader) is back."""
 
 
 async def connect(url: str, *, name: str, connect_timeout_s: float) -> NatsClient:
@@ -278,9 +287,26 @@ class JetStreamTransport:
         return reader
 
     async def last_seq(self, stream: str) -> int:
-        """The stream's last sequence now."""
-        info = await self.js.stream_info(stream)
-        return int(info.state.last_seq)
+        """The stream's last sequence now.
+
+        No answer in time, or a 503 (the server restarting, a leader election), is asked
+        again with back-off for as long as the connection lives: the router asks before every
+        batch, and a request lost with a server must not stop it.  Other errors, and any error
+        once the connection is closed, are raised.
+        """
+        delay_s = _API_RETRY_INITIAL_S
+        while True:
+            try:
+                info = await self.js.stream_info(stream)
+                return int(info.state.last_seq)
+            except _API_TRANSIENT as exc:
+                if self.nc.is_closed:
+                    raise
+                log.warning(
+                    "jetstream_api_retry", stream=stream, error=_describe(exc), retry_in_s=delay_s
+                )
+            await anyio.sleep(delay_s)
+            delay_s = min(delay_s * 2, _API_RETRY_MAX_S)
 
     async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
         """publish_async every message, then wait for the PubAcks up to ``timeout_s``.

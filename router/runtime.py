@@ -21,7 +21,7 @@ from caresync.config import Config
 from caresync.router.publisher import Publisher
 from caresync.router.transport import Transport
 from caresync.router.worker import PartitionWorker, WorkerSettings
-from caresync.store import Store
+from caresync.store import Store, StoreUnavailable
 
 log = structlog.get_logger("caresync.router")
 
@@ -139,9 +139,14 @@ class Router:
             while True:
                 await anyio.sleep(self.settings.prune_every_s)
                 now = time.time()
-                removed = await self.store.prune_applied(now - self.settings.dedupe_retention_s)
-                sent = await self.store.prune_outbox(now - self.settings.outbox_retention_s)
-                await self.store.ingest.prune(now - self.settings.outbox_retention_s)
+                try:
+                    removed = await self.store.prune_applied(now - self.settings.dedupe_retention_s)
+                    sent = await self.store.prune_outbox(now - self.settings.outbox_retention_s)
+                    await self.store.ingest.prune(now - self.settings.outbox_retention_s)
+                except StoreUnavailable as exc:
+                    # Locked or full: pruning waits for the next round, the pipeline goes on.
+                    log.warning("prune_postponed", error=str(exc))
+                    continue
                 if removed or sent:
                     log.info("pruned", dedupe_records=removed, sent_effects=sent)
 

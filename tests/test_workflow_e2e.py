@@ -733,7 +733,7 @@ async def test_erp_outage_and_router_sigkill_create_exactly_one_po_per_crossing(
         assert len(ordered) == len(at_load), "ERP took an order while down"
 
         await cs.sim("heal", "erp")
-        # After the crash the ERP effect in hand comes back after its ack wait (30 s).
+        # After the crash the ERP effect in hand comes back after its ack wait (5 s).
         for appointment in ("C1", "C2"):
             await cs.until("appointment", appointment, in_sync, "ERP caught up", timeout_s=60)
         crossings = {"KNEE-KIT@MAIN-OR": kit, "BONE-CEMENT@MAIN-OR": cement}
