@@ -21,6 +21,19 @@ _LEVELS = {
 }
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is at each write (tests swap it and close the old one): a
+    logger configured once must never hold on to a stream that went away."""
+
+    def write(self, data: bytes | str) -> int:
+        if isinstance(data, bytes):
+            return sys.stderr.buffer.write(data)
+        return sys.stderr.write(data)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     level: Literal["debug", "info", "warning", "error"] = "info",
     fmt: Literal["json", "console"] = "json",
@@ -35,10 +48,10 @@ def configure_logging(
     logger_factory: Any
     if fmt == "json":
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
-        logger_factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        logger_factory = structlog.BytesLoggerFactory(_Stderr())  # type: ignore[arg-type]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
-        logger_factory = structlog.PrintLoggerFactory(sys.stderr)
+        logger_factory = structlog.PrintLoggerFactory(_Stderr())  # type: ignore[arg-type]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
