@@ -29,7 +29,8 @@ from caresync.router.logs import configure_logging
 from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild
 from caresync.router.replay_diff import EffectLine, EntityReplay, totals
-from caresync.router.replay_entity import EntityReplayer, History, read_catalog
+from caresync.router.replay_entity import EntityReplayer, History
+from caresync.router.replay_streams import read_catalog
 from caresync.router.service import make_transport, open_store, store_path, subjects_for
 from caresync.router.worker import WorkerSettings
 from caresync.store import Store
