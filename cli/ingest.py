@@ -51,7 +51,9 @@ async def run_publish_raw(
             raise CommandError(f"{name}: no {fmt.upper()} message in the file")
         messages.extend((name, i, data, error) for i, (data, error) in enumerate(found))
     nc = await connect_client(resolve_url(ctx, nats_flag))
-    submitter = RawSubmitter(nc, subjects_for(ctx.config), wait_s=wait_s)
+    submitter = RawSubmitter(
+        nc, subjects_for(ctx.config), wait_s=wait_s, stop_waiting_without_router=True
+    )
     failures = 0
     try:
         for name, index, data, frame_error in messages:

@@ -53,7 +53,17 @@ class RawVerdict:
 class RawSubmitter:
     """Publishes raw messages on one connection and waits for their verdicts."""
 
-    def __init__(self, nc: NatsClient, subjects: Subjects, *, wait_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        subjects: Subjects,
+        *,
+        wait_s: float = 10.0,
+        stop_waiting_without_router: bool = False,
+    ) -> None:
+        """``stop_waiting_without_router``: once a whole wait passed with no router answering,
+        store the next messages without waiting (a CLI with a file of messages)."""
+        self._stop_waiting = stop_waiting_without_router
         self._nc = nc
         self._js = nc.jetstream()
         self._subjects = subjects
@@ -89,6 +99,11 @@ class RawSubmitter:
         problem = next((i for i in result.items if i.get("reason")), None)
         if problem is not None:
             result.reason, result.code = str(problem["reason"]), str(problem.get("code", ""))
+        elif found.get("no_router"):
+            result.reason = (
+                f"stored as {ack.stream} seq {ack.seq}; no router answered, it will be decided "
+                "when one runs (not waiting for the next messages)"
+            )
         elif result.verdict == "pending":
             result.reason = (
                 f"stored as {ack.stream} seq {ack.seq}, no verdict from the router within "
@@ -100,10 +115,12 @@ class RawSubmitter:
         body = orjson.dumps({"stream": stream, "seq": seq, "raw": True})
         subject = self._subjects.control("verdict")
         delay = 0.01
+        answered = False
         with anyio.move_on_after(self._wait_s):
             while True:
                 try:
                     reply = await self._nc.request(subject, body, timeout=min(self._wait_s, 5.0))
+                    answered = True
                     found: dict[str, Any] = orjson.loads(reply.data)
                     if found.get("verdict") in FINAL or found.get("verdict") == "unknown":
                         return found
@@ -111,4 +128,8 @@ class RawSubmitter:
                     pass  # the router is (re)starting: the message waits for it in the stream
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.2)
+        if not answered and self._stop_waiting:
+            # No router at all: the next messages are stored without waiting in vain for each.
+            self._wait_s = 0
+            return {"verdict": "pending", "no_router": True}
         return {"verdict": "pending"}

@@ -241,3 +241,26 @@ async def test_a_restart_reads_none_of_the_history_it_already_applied(
     assert after_restart["received"] == 0  # ... and none of it was read again
     assert after == before
     print(f"restart to ready after {offset} messages of history: {ready_s:.2f} s")
+
+
+async def test_publishing_a_file_with_no_router_stores_it_without_waiting_per_message(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    from test_ingest_nats import siu
+
+    from caresync.router.provision import provision
+
+    cfg = make_config(unique_prefix)
+    async with client(nats_url) as nc:
+        await provision(nc.jetstream(), subjects_for(cfg), cfg.streams)
+    feed = tmp_path / "feed.hl7"
+    feed.write_bytes(b"".join(siu("S12", f"N-{i}", filler=f"N{i}") for i in range(3)))
+    published = await cli(
+        cfg, nats_url, tmp_path, "publish", "--format", "hl7", str(feed), "--wait", "1", "--json"
+    )
+    lines = [json.loads(line) for line in published.stdout.splitlines()]
+    assert published.returncode == 1, published.stderr  # nothing was decided
+    assert [line["verdict"] for line in lines] == ["pending"] * 3
+    assert "no router answered" in lines[0]["reason"]
+    assert all("not waiting" in line["reason"] for line in lines[1:])
+    assert all(line["seq"] > 0 for line in lines)  # stored: a router decides them when it runs
