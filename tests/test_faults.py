@@ -2,7 +2,7 @@
 records, the sync ledgers, and the pure actors (issue 5, part 5).
 
 Each test runs one deployment of its own (subject prefix, data dir, simulators) and checks it
-with :func:`caresync.bench.soak_crash.verify` once everything has settled: every appointment as
+with :func:`caresync.bench.faults_verify.verify` once everything has settled: every appointment as
 in a run of the pure actors (the business state of billing, supply, ERP and items too), every
 ledger in sync, every effect exactly once in its simulator's records with the payload the pure
 run sent, one purchase order per crossing, every command applied once, the outbox all sent.
@@ -33,25 +33,17 @@ from harness import client, running, wait_for
 from nats.js import JetStreamContext
 
 from caresync.bench import fanout as fo
-from caresync.bench.soak_crash import (
+from caresync.bench.faults_deploy import (
     SYSTEMS,
     Deployment,
-    Oracle,
     RouterProcess,
-    Verdict,
-    batch_invariants,
-    input_ends,
-    kill_rounds,
-    load_refdata,
     make_deployment,
-    open_keys,
-    outage,
-    progress,
-    sim_records,
-    verify,
-    wait_settled,
     workload,
 )
+from caresync.bench.faults_oracle import Oracle, load_refdata
+from caresync.bench.faults_phases import input_ends, kill_rounds, outage, wait_settled
+from caresync.bench.faults_stores import open_keys, progress, sim_records
+from caresync.bench.faults_verify import Verdict, batch_invariants, verify
 from caresync.bench.workload import BenchCommand, Workload
 from caresync.config import Config
 from caresync.router.embedded import EmbeddedNats
