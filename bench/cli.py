@@ -273,11 +273,19 @@ def _internal(subjects: Subjects, partition: int) -> str:
 
 
 async def run_bench_args(args: argparse.Namespace, command_line: str) -> int:
-    """Dispatch on the workload (``fanout``, ``workflow`` or ``ingest``)."""
+    """Dispatch on the workload (``fanout``, ``workflow``, ``ingest``, ``replay``, ``entities``)."""
     if args.workload == "ingest":
         from caresync.bench import ingest_run
 
         return await ingest_run.run(args, command_line)
+    if args.workload == "replay":
+        from caresync.bench import replay_run
+
+        return await replay_run.run(args, command_line)
+    if args.workload == "entities":
+        from caresync.bench import entities_run
+
+        return await entities_run.run(args, command_line)
     if args.workload == "workflow":
         from caresync.bench import workflow
 
@@ -289,7 +297,10 @@ def main() -> None:
     """``python -m caresync.bench.cli [fanout] [options]`` (run it outside the repository)."""
     parser = argparse.ArgumentParser(prog="python -m caresync.bench.cli")
     parser.add_argument(
-        "workload", nargs="?", default="fanout", choices=["fanout", "workflow", "ingest"]
+        "workload",
+        nargs="?",
+        default="fanout",
+        choices=["fanout", "workflow", "ingest", "replay", "entities"],
     )
     parser.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
     parser.add_argument("--m", type=int, default=2_000, help="appointment keys (default 2000)")

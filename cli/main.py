@@ -186,7 +186,10 @@ def _parser() -> argparse.ArgumentParser:
         "bench", parents=[common], help="benchmark on a fresh embedded deployment"
     )
     bench.add_argument(
-        "workload", nargs="?", default="fanout", choices=["fanout", "workflow", "ingest"]
+        "workload",
+        nargs="?",
+        default="fanout",
+        choices=["fanout", "workflow", "ingest", "replay", "entities"],
     )
     bench.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
     bench.add_argument("--m", type=int, default=2_000, help="entities (default 2000)")

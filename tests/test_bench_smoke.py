@@ -147,3 +147,39 @@ def test_bench_ingest_quick_json(tmp_path: Path) -> None:
     assert routed["commands_applied"] > routed["n"]
     assert routed["ingest_per_s"] > 0
     assert routed["end_to_end_per_s"] > 0
+
+
+def test_bench_replay_quick_json(tmp_path: Path) -> None:
+    """A history applied live, then rebuilt: figures present, state equal to the live one."""
+    doc = bench_json(tmp_path, "replay")
+    for name in ("events_per_s", "source_events_per_s", "rebuild_s", "rebuild_rss_peak_mb"):
+        assert isinstance(doc[name], int | float), name
+        assert doc[name] > 0, name
+    assert doc["ok"] is True, doc["checks"]
+    assert doc["conditions"]["n"] == 20_000
+    assert doc["source_events"] == 20_000 + doc["checks"]["stock_commands"]
+    assert doc["internal_messages"] > 0
+    assert doc["messages_replayed"] == doc["source_events"] + doc["internal_messages"]
+    assert doc["entities"] > doc["conditions"]["m"]
+    assert doc["state_matches_live"] is True
+    assert doc["pending_effects"] == 0
+
+
+def test_bench_entities_quick_json(tmp_path: Path) -> None:
+    """M bookings, idle, restart: every appointment booked once, memory and restart measured."""
+    doc = bench_json(tmp_path, "entities")
+    for name in (
+        "router_rss_idle_mb",
+        "router_rss_busy_mb",
+        "nats_server_rss_idle_mb",
+        "restart_to_ready_s",
+        "restart_to_ready_line_s",
+    ):
+        assert isinstance(doc[name], int | float), name
+        assert doc[name] > 0, name
+    assert doc["ok"] is True, doc["checks"]
+    assert doc["conditions"]["m"] == 20_000
+    assert doc["booked"] == doc["appointments"] == 20_000
+    assert doc["live_actors_idle"] == 0
+    assert doc["checks"]["ready_after_restart"] is True
+    assert doc["checks"]["refused"] == 0
