@@ -19,12 +19,10 @@ time a restart takes to be ready.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
 import anyio
-import orjson
 from anyio.abc import Process
 
 from caresync.bench import fanout as fo
@@ -192,14 +190,7 @@ async def measure(
         "snapshots": snapshots,
         "targets": {"rss_mb": RSS_TARGET_MB, "restart_s": RESTART_TARGET_S},
     }
-    return {
-        "date": report.today(),
-        "command_line": command_line,
-        "figures": figures,
-        "conditions": conditions,
-        "machine": info,
-        "checks": checks,
-    }
+    return report.result_doc(command_line, figures, conditions, info, checks)
 
 
 def ok(result: dict[str, Any]) -> bool:
@@ -286,18 +277,12 @@ async def run(args: argparse.Namespace, command_line: str) -> int:
     """The ``caresync bench entities`` command."""
     configure_logging("warning")
     m = QUICK_M if args.quick else args.m
-    try:
-        result = await measure(
-            m, args.seed, args.quick, getattr(args, "data_dir", None), args.keep, command_line
-        )
-    except fo.BenchError as exc:
-        if args.json:
-            print(orjson.dumps({"error": str(exc), "ok": False}).decode())
-        print(f"caresync bench entities: {exc}", file=sys.stderr)
-        return 1
-    result["figures"]["ok"] = ok(result)
-    print(report.as_json(result) if args.json else report.table(result, rows), flush=True)
-    if args.write_results:
-        report.append_results(result, command_line, rows_of=rows)
-        say(f"appended to {report.RESULTS_PATH}")
-    return 0 if result["figures"]["ok"] else 1
+    return await report.report_run(
+        "entities",
+        measure(m, args.seed, args.quick, getattr(args, "data_dir", None), args.keep, command_line),
+        json_out=args.json,
+        write_results=args.write_results,
+        command_line=command_line,
+        rows_of=rows,
+        ok=ok,
+    )

@@ -307,14 +307,7 @@ async def measure(
     }
     if profile is not None:
         say(f"profile of the rebuild ({profile}):\n{print_profile(profile)}")
-    return {
-        "date": report.today(),
-        "command_line": command_line,
-        "figures": figures,
-        "conditions": conditions,
-        "machine": info,
-        "checks": checks,
-    }
+    return report.result_doc(command_line, figures, conditions, info, checks)
 
 
 def ok(result: dict[str, Any]) -> bool:
@@ -396,18 +389,12 @@ async def run(args: argparse.Namespace, command_line: str) -> int:
     """The ``caresync bench replay`` command."""
     configure_logging("warning")
     n, m = QUICK if args.quick else (args.n, args.m)
-    try:
-        result = await measure(
-            n, m, args.seed, getattr(args, "data_dir", None), args.keep, command_line
-        )
-    except fo.BenchError as exc:
-        if args.json:
-            print(orjson.dumps({"error": str(exc), "ok": False}).decode())
-        print(f"caresync bench replay: {exc}", file=sys.stderr)
-        return 1
-    result["figures"]["ok"] = ok(result)
-    print(report.as_json(result) if args.json else report.table(result, rows), flush=True)
-    if args.write_results:
-        report.append_results(result, command_line, rows_of=rows)
-        say(f"appended to {report.RESULTS_PATH}")
-    return 0 if result["figures"]["ok"] else 1
+    return await report.report_run(
+        "replay",
+        measure(n, m, args.seed, getattr(args, "data_dir", None), args.keep, command_line),
+        json_out=args.json,
+        write_results=args.write_results,
+        command_line=command_line,
+        rows_of=rows,
+        ok=ok,
+    )

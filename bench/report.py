@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from caresync.bench.fanout import percentile
+from caresync.bench.fanout import BenchError, percentile
 from caresync.bench.workload import Workload
 from caresync.config import Config
 
@@ -323,6 +324,17 @@ def build_result(
         "latency": LATENCY_DEFINITION,
         "raw_counts": {k: raw[k] for k in ("consumed_in", "published_fx", "consumed_fx")},
     }
+    return result_doc(command_line, figures, conditions, info, checks)
+
+
+def result_doc(
+    command_line: str,
+    figures: dict[str, Any],
+    conditions: dict[str, Any],
+    info: dict[str, Any],
+    checks: dict[str, Any],
+) -> dict[str, Any]:
+    """One run's result as every workload reports it."""
     return {
         "date": today(),
         "command_line": command_line,
@@ -331,3 +343,30 @@ def build_result(
         "machine": info,
         "checks": checks,
     }
+
+
+async def report_run(
+    name: str,
+    measured: Awaitable[dict[str, Any]],
+    *,
+    json_out: bool,
+    write_results: bool,
+    command_line: str,
+    rows_of: RowsOf,
+    ok: Callable[[dict[str, Any]], bool],
+) -> int:
+    """Await a workload's measurement, print it (table or JSON), append it to RESULTS.md if
+    asked; exit status 1 on a bench error or when ``ok`` says a check failed."""
+    try:
+        result = await measured
+    except BenchError as exc:
+        if json_out:
+            print(orjson.dumps({"error": str(exc), "ok": False}).decode())
+        print(f"caresync bench {name}: {exc}", file=sys.stderr)
+        return 1
+    result["figures"]["ok"] = ok(result)
+    print(as_json(result) if json_out else table(result, rows_of), flush=True)
+    if write_results:
+        append_results(result, command_line, rows_of=rows_of)
+        print(f"bench: appended to {RESULTS_PATH}", file=sys.stderr, flush=True)
+    return 0 if result["figures"]["ok"] else 1
