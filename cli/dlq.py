@@ -48,11 +48,8 @@ class Filters:
 
     def keep(self, letter: dict[str, Any]) -> bool:
         """Whether ``letter`` passes every filter given."""
-        if (
-            self.source
-            and self.source not in (letter["source"], letter["format"])
-            and not str(letter["source"]).startswith(self.source)
-        ):
+        source = str(letter["source"])
+        if self.source and self.source != letter["format"] and not source.startswith(self.source):
             return False
         if self.kind and not str(letter["kind"]).startswith(self.kind):
             return False

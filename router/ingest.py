@@ -37,16 +37,7 @@ from caresync.codecs import (
 from caresync.codecs.raw import RawItem, decode_raw
 from caresync.codecs.source import SourceCommand, SourceError
 from caresync.config import Config
-from caresync.router.outbox_rows import (
-    H_CODE,
-    H_ENTITY,
-    H_KIND,
-    H_REASON,
-    H_SEQ,
-    H_STREAM,
-    H_SUBJECT,
-    header_safe,
-)
+from caresync.router.outbox_rows import dead_letter_row
 from caresync.router.transport import (
     Inbound,
     InputConsumer,
@@ -245,28 +236,17 @@ class IngestWorker:
     def _dead_letter(
         self, message: Inbound, fmt: str, item: RawItem, error: SourceError
     ) -> Outbound:
-        headers = {k: v for k, v in (message.headers or {}).items() if k != "Nats-Msg-Id"}
-        headers.update(
-            {
-                H_REASON: header_safe(error.reason),
-                H_CODE: error.code,
-                H_SUBJECT: header_safe(message.subject),
-                H_STREAM: message.stream,
-                H_SEQ: str(message.seq),
-                H_INDEX: str(item.index),
-                H_FORMAT: fmt,
-            }
+        row = dead_letter_row(
+            self._subjects,
+            message,
+            error.code,
+            error.reason,
+            kind=error.kind or item.kind,
+            entity=error.entity,
         )
-        if error.kind or item.kind:
-            headers[H_KIND] = header_safe(error.kind or item.kind)
-        if error.entity:
-            headers[H_ENTITY] = header_safe(error.entity)
-        return Outbound(
-            key=f"dlq:{message.stream}:{message.seq}:{item.index}",
-            subject=self._subjects.dead_letter(error.code),
-            payload=item.data,
-            headers=headers,
-        )
+        headers = {**(row.headers or {}), H_INDEX: str(item.index), H_FORMAT: fmt}
+        # One letter per message of the payload: its own bytes, its own key.
+        return Outbound(f"{row.key}:{item.index}", row.subject, item.data, headers)
 
     async def _publish(self, outbound: list[Outbound]) -> list[PublishResult]:
         """Publish until every message is stored, a duplicate, or refused for good."""

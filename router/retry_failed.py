@@ -33,12 +33,14 @@ async def retry_failed(
         return {"error": f"unknown downstream {system!r}; known: {', '.join(SYSTEMS)}"}
     failed = await store.failed_effects(system)
     js = nc.jetstream()
+    kept = {call.effect_key: await store.outbox_row(call.effect_key) for call in failed}
+    gone = {key for key, row in kept.items() if row is None}
+    if gone:  # pruned from the outbox: one pass over the output stream finds them all
+        kept |= await _from_stream(js, subjects, gone)
     sent: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
     for call in failed:
-        found = await store.outbox_row(call.effect_key)
-        if found is None:
-            found = await _from_stream(js, subjects, call.system, call.effect_key)
+        found = kept.get(call.effect_key)
         if found is None:
             missing.append(
                 {
@@ -70,33 +72,37 @@ async def retry_failed(
 
 
 async def _from_stream(
-    js: Any, subjects: Subjects, system: str, key: str
-) -> tuple[str, bytes] | None:
-    """Find the effect with Msg-Id ``key`` among the system's output messages (newest first)."""
+    js: Any, subjects: Subjects, keys: set[str]
+) -> dict[str, tuple[str, bytes] | None]:
+    """Subject and payload of the effects with these Msg-Ids, read from the output stream
+    newest first until all are found (one pass for all of them)."""
     stream = subjects.output_stream
+    found: dict[str, tuple[str, bytes] | None] = {}
     try:
         info = await js.stream_info(stream)
     except nats.js.errors.Error:
-        return None
+        return found
     seq = info.state.last_seq
-    while seq >= info.state.first_seq:
+    while seq >= info.state.first_seq and len(found) < len(keys):
         try:
             msg = await js.get_msg(stream, seq)
         except nats.js.errors.NotFoundError:
             seq -= 1
             continue
-        if msg.subject and _is_effect(msg.headers or {}, msg.data or b"", key):
-            return str(msg.subject), bytes(msg.data or b"")
+        headers, data = msg.headers or {}, msg.data or b""
+        key = _effect_key(headers, data)
+        if key in keys and key not in found and msg.subject:
+            found[key] = (str(msg.subject), bytes(data))
         seq -= 1
-    return None
+    return found
 
 
-def _is_effect(headers: dict[str, str], data: bytes, key: str) -> bool:
-    """Whether a stored output message is the effect ``key`` (by Msg-Id, else envelope id)."""
+def _effect_key(headers: dict[str, str], data: bytes) -> str:
+    """The idempotency key of a stored output message (its Msg-Id, else its envelope id)."""
     msg_id = headers.get("Nats-Msg-Id")
     if msg_id is not None:
-        return msg_id == key
+        return str(msg_id)
     try:
-        return decode_envelope(data)[0].id == key
+        return decode_envelope(data)[0].id
     except CodecError:
-        return False
+        return ""
