@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from caresync.actors import appointment, billing, erp, item, procedure, supply, visit
+from caresync.actors import (
+    appointment,
+    billing,
+    erp,
+    item,
+    procedure,
+    purchasing,
+    supply,
+    visit,
+)
 from caresync.actors.contract import (
     Accepted,
     ActorRef,
@@ -26,6 +35,7 @@ def default_registry() -> Registry:
         billing.KIND,
         supply.KIND,
         erp.KIND,
+        purchasing.KIND,
         item.KIND,
         visit.KIND,
     )

@@ -3,11 +3,11 @@
 It orchestrates the scenario: a booking looks up the preference card of each procedure (a
 provider-specific card wins over the general one) and plans reservations at the facility and
 demand lines for the date; billing readiness comes from the payer rules.  Each change sends the
-whole plan, not a delta, to the actors that own the downstream conversations — supply and ERP of
-the facility, billing of the appointment — so a repeated or replayed message converges to the
-same plan.  A message older than the state already applied (by its source timestamp) changes
-nothing.  Charges posted mark the case performed; supply lines are matched to items by charge
-code and consumed.
+whole plan (per facility), not a delta, to the actors that own the case's downstream
+conversations — its billing, supply and ERP actors, keyed like it — so a repeated or replayed
+message converges to the same plan.  A message older than the state already applied (by its
+source timestamp) changes nothing.  Charges posted mark the case performed; supply lines are
+matched to items by charge code and consumed.
 """
 
 from __future__ import annotations
@@ -305,10 +305,11 @@ def _effects(
         if (mine.reservations, mine.consumed) != (prev.reservations, prev.consumed):
             effects.append(
                 Effect(
-                    target=ActorRef("supply", facility),
+                    target=ActorRef("supply", after.id),
                     name="plan",
                     key=f"{command.key}:supply:{facility}",
                     payload={
+                        "facility_id": facility,
                         "appointment_id": after.id,
                         "reservations": mine.reservations,
                         "consumed": mine.consumed,
@@ -319,10 +320,10 @@ def _effects(
         if demand != _demand(prev):
             effects.append(
                 Effect(
-                    target=ActorRef("erp", facility),
+                    target=ActorRef("erp", after.id),
                     name="demand",
                     key=f"{command.key}:erp:{facility}",
-                    payload={"appointment_id": after.id, "lines": demand},
+                    payload={"facility_id": facility, "appointment_id": after.id, "lines": demand},
                 )
             )
     if _billing_view(before) != _billing_view(after):

@@ -1,11 +1,11 @@
-"""ERP actor: the ERP conversation of one facility, keyed by facility id.
+"""ERP actor: the ERP conversation of one appointment, keyed by the appointment id.
 
-It owns what goes to ERP for the facility: demand planning lines of its appointments (each
-appointment sends its whole demand; the change per item and date goes downstream, reversals as
-negative quantities), purchase orders raised by its item actors, and the financial postings of
-consumed supplies to the facility's cost center.  Each is sent exactly once, keyed by the
-command that asked for it, and tracked in a sync ledger per appointment (purchase orders under
-the ``purchasing`` ledger).
+It owns what goes to ERP for the case: demand planning lines (the appointment sends its whole
+demand at a facility; the change per item and date goes downstream, reversals as negative
+quantities) and the financial postings of the supplies it consumed, for the facility's cost
+center.  Each is sent exactly once, keyed by the command that asked for it, and tracked in the
+appointment's sync ledger with ERP.  Purchase orders are the facility's, not a case's: they go
+through the purchasing actor (:mod:`caresync.actors.purchasing`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ from typing import Any
 import msgspec
 
 from caresync.actors.contract import Accepted, Command, Downstream, Effect, EntityKind, Rejected
-from caresync.actors.ledger import DownstreamAck, Ledger, acknowledged, sent, settled
-
-PURCHASING = "purchasing"
-"""Ledger name of the facility's purchase orders."""
+from caresync.actors.ledger import DownstreamAck, Ledger, acknowledged, sent
 
 
 class DemandLine(msgspec.Struct, kw_only=True, frozen=True):
-    """A quantity of an item needed at this facility on a date."""
+    """A quantity of an item needed at a facility on a date."""
 
     item_id: str
     date: str
@@ -31,21 +28,12 @@ class DemandLine(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class Demand(msgspec.Struct, kw_only=True, frozen=True):
-    """An appointment's whole demand at this facility (absolute: repeats converge)."""
+    """An appointment's whole demand at one facility (absolute: repeats converge)."""
 
-    appointment_id: str
-    lines: tuple[DemandLine, ...] = ()
-
-
-class PurchaseOrderRequest(msgspec.Struct, kw_only=True, frozen=True):
-    """An item actor's replenishment order for ERP."""
-
-    po_id: str
     facility_id: str
-    item_id: str
-    supplier_id: str
-    quantity: int
-    unit_cost: str = ""
+    appointment_id: str = ""
+    """Informative (the entity is the appointment)."""
+    lines: tuple[DemandLine, ...] = ()
 
 
 class PostingRequest(msgspec.Struct, kw_only=True, frozen=True):
@@ -61,45 +49,36 @@ class PostingRequest(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class DemandSet(msgspec.Struct, kw_only=True, frozen=True, tag="demand"):
-    appointment_id: str
+    facility_id: str
     lines: tuple[DemandLine, ...]
     keys: tuple[str, ...]
 
 
-class POSent(msgspec.Struct, kw_only=True, frozen=True, tag="po_sent"):
-    po_id: str
-    key: str
-
-
 class Posted(msgspec.Struct, kw_only=True, frozen=True, tag="posted"):
-    appointment_id: str
     amount: str
     key: str
 
 
 class Acked(msgspec.Struct, kw_only=True, frozen=True, tag="acked"):
-    ledger: str
     ack: DownstreamAck
 
 
-Event = DemandSet | POSent | Posted | Acked
+Event = DemandSet | Posted | Acked
 
 
 class ErpState(msgspec.Struct, kw_only=True, frozen=True):
-    """What the ERP of one facility has been asked for."""
+    """What ERP has been asked for on behalf of one appointment."""
 
     id: str
     demand: dict[str, tuple[DemandLine, ...]] = msgspec.field(default_factory=dict)
-    purchase_orders: tuple[str, ...] = ()
+    """Facility id to the case's demand lines there."""
     postings: int = 0
     posted_amount: str = "0"
-    ledgers: dict[str, Ledger] = msgspec.field(default_factory=dict)
-    owners: dict[str, str] = msgspec.field(default_factory=dict)
-    """Pending effect key to its ledger (an appointment id, or ``purchasing``)."""
+    ledger: Ledger = msgspec.field(default_factory=Ledger)
 
 
 def initial(entity: str) -> ErpState:
-    """A facility with no demand yet."""
+    """A case with no demand yet."""
     return ErpState(id=entity)
 
 
@@ -107,31 +86,29 @@ def decide(state: ErpState, command: Command[Any]) -> Accepted[Event] | Rejected
     """Send ERP what changed; file acknowledgements."""
     p = command.payload
     if isinstance(p, Demand):
+        if not p.facility_id:
+            return Rejected(f"demand of {state.id} names no facility")
         return _demand(state, command, p)
-    if isinstance(p, PurchaseOrderRequest):
-        if p.quantity <= 0:
-            return Rejected(f"purchase order {p.po_id} has quantity {p.quantity}")
-        effect = _down(state, command, "purchase_order", msgspec.to_builtins(p))
-        return Accepted(events=(POSent(po_id=p.po_id, key=effect.key),), effects=(effect,))
     if isinstance(p, PostingRequest):
         effect = _down(state, command, "posting", msgspec.to_builtins(p))
-        event = Posted(appointment_id=p.appointment_id, amount=p.amount, key=effect.key)
-        return Accepted(events=(event,), effects=(effect,))
+        return Accepted(events=(Posted(amount=p.amount, key=effect.key),), effects=(effect,))
     if isinstance(p, DownstreamAck):
-        ledger = state.owners.get(p.effect_key)
-        if ledger is None:
+        if p.effect_key not in state.ledger.pending and p.effect_key not in state.ledger.failed:
             return Accepted()
-        return Accepted(events=(Acked(ledger=ledger, ack=p),))
+        return Accepted(events=(Acked(ack=p),))
     return Rejected(f"erp does not handle {type(p).__name__}")
 
 
+def _totals(lines: tuple[DemandLine, ...]) -> dict[tuple[str, str], int]:
+    totals: dict[tuple[str, str], int] = {}
+    for line in lines:
+        totals[(line.item_id, line.date)] = totals.get((line.item_id, line.date), 0) + line.quantity
+    return totals
+
+
 def _demand(state: ErpState, command: Command[Any], p: Demand) -> Accepted[Event]:
-    old: dict[tuple[str, str], int] = {}
-    for line in state.demand.get(p.appointment_id, ()):
-        old[(line.item_id, line.date)] = old.get((line.item_id, line.date), 0) + line.quantity
-    new: dict[tuple[str, str], int] = {}
-    for line in p.lines:
-        new[(line.item_id, line.date)] = new.get((line.item_id, line.date), 0) + line.quantity
+    old = _totals(state.demand.get(p.facility_id, ()))
+    new = _totals(p.lines)
     effects = []
     for item_id, date in sorted(set(old) | set(new)):
         delta = new.get((item_id, date), 0) - old.get((item_id, date), 0)
@@ -142,19 +119,17 @@ def _demand(state: ErpState, command: Command[Any], p: Demand) -> Accepted[Event
                     name="demand",
                     key=f"{command.key}:erp:demand:{item_id}:{date}",
                     payload={
-                        "facility_id": state.id,
+                        "facility_id": p.facility_id,
                         "item_id": item_id,
                         "date": date,
                         "quantity": delta,
-                        "appointment_id": p.appointment_id,
+                        "appointment_id": state.id,
                     },
                 )
             )
     if not effects:
         return Accepted()
-    event = DemandSet(
-        appointment_id=p.appointment_id, lines=p.lines, keys=tuple(e.key for e in effects)
-    )
+    event = DemandSet(facility_id=p.facility_id, lines=p.lines, keys=tuple(e.key for e in effects))
     return Accepted(events=(event,), effects=tuple(effects))
 
 
@@ -171,37 +146,23 @@ def evolve(state: ErpState, event: Event) -> ErpState:
     """Apply one recorded event; never fails."""
     replace = msgspec.structs.replace
     if isinstance(event, Acked):
-        ledger = acknowledged(state.ledgers.get(event.ledger, Ledger()), event.ack)
-        ledgers = {**state.ledgers, event.ledger: ledger}
-        if settled(ledger) and event.ledger != PURCHASING and event.ledger not in state.demand:
-            del ledgers[event.ledger]  # no demand left, nothing waiting: done here
-        return replace(
-            state,
-            ledgers=ledgers,
-            owners={k: v for k, v in state.owners.items() if k != event.ack.effect_key},
-        )
+        return replace(state, ledger=acknowledged(state.ledger, event.ack))
     if isinstance(event, DemandSet):
-        name, keys = event.appointment_id, event.keys
-        demand = {**state.demand, name: event.lines}
+        demand = {**state.demand, event.facility_id: event.lines}
         if not event.lines:
-            del demand[name]
-        state = replace(state, demand=demand)
-    elif isinstance(event, POSent):
-        name, keys = PURCHASING, (event.key,)
-        state = replace(state, purchase_orders=(*state.purchase_orders, event.po_id))
-    else:
-        name, keys = event.appointment_id, (event.key,)
-        total = _decimal(state.posted_amount) + _decimal(event.amount)
-        state = replace(state, postings=state.postings + 1, posted_amount=str(total))
-    ledger = state.ledgers.get(name, Ledger())
+            del demand[event.facility_id]
+        return replace(state, demand=demand, ledger=sent(state.ledger, event.keys))
+    total = decimal(state.posted_amount) + decimal(event.amount)
     return replace(
         state,
-        ledgers={**state.ledgers, name: sent(ledger, keys)},
-        owners={**state.owners, **dict.fromkeys(keys, name)},
+        postings=state.postings + 1,
+        posted_amount=str(total),
+        ledger=sent(state.ledger, (event.key,)),
     )
 
 
-def _decimal(text: str) -> Decimal:
+def decimal(text: str) -> Decimal:
+    """An amount as stored (0 if it is not a number)."""
     try:
         return Decimal(text)
     except InvalidOperation:
@@ -211,14 +172,9 @@ def _decimal(text: str) -> Decimal:
 KIND: EntityKind[ErpState, Event] = EntityKind(
     name="erp",
     state_type=ErpState,
-    commands={
-        "demand": Demand,
-        "purchase_order": PurchaseOrderRequest,
-        "posting": PostingRequest,
-        "downstream_ack": DownstreamAck,
-    },
+    commands={"demand": Demand, "posting": PostingRequest, "downstream_ack": DownstreamAck},
     initial=initial,
     decide=decide,
     evolve=evolve,
-    description="the ERP conversation of one facility",
+    description="the ERP conversation of one appointment",
 )

@@ -232,10 +232,14 @@ def decide(state: ItemState, command: Command[Any]) -> Accepted[Event] | Rejecte
     elif isinstance(p, Consume):
         if p.quantity <= 0:
             return Rejected(f"consumption of {p.quantity} {state.id} is not positive")
+        if not p.appointment_id:  # its cost is posted to the appointment's ERP actor
+            return Rejected(f"consumption of {state.id} names no appointment")
         events = [Consumed(appointment_id=p.appointment_id, quantity=p.quantity)]
     elif isinstance(p, ReturnStock):
         if p.quantity <= 0:
             return Rejected(f"return of {p.quantity} {state.id} is not positive")
+        if not p.appointment_id:
+            return Rejected(f"return of {state.id} names no appointment")
         events = [Returned(appointment_id=p.appointment_id, quantity=p.quantity)]
     elif isinstance(p, POAcknowledged):
         if not _po(state, p.po_id):
@@ -305,7 +309,7 @@ def _order(state: ItemState, command: Command[Any]) -> tuple[Ordered, Effect]:
     unit_cost = str(item.unit_cost) if item is not None else ""
     ordered = Ordered(po_id=po_id, quantity=state.reorder_quantity, supplier_id=supplier_id)
     return ordered, Effect(
-        target=ActorRef("erp", state.facility_id),
+        target=ActorRef("purchasing", state.facility_id),
         name="purchase_order",
         # Keyed by the crossing, not by the command: the same crossing is the same order.
         key=f"po:{state.id}:{crossing}",
@@ -333,7 +337,7 @@ def _requisition(
     supplier_id = item.supplier_id if item is not None else ""
     event = Requested(po_id=po_id, quantity=p.quantity, supplier_id=supplier_id)
     effect = Effect(
-        target=ActorRef("erp", state.facility_id),
+        target=ActorRef("purchasing", state.facility_id),
         name="purchase_order",
         key=f"req:{state.id}:{p.request_id}",
         payload={
@@ -355,7 +359,7 @@ def _posting(state: ItemState, command: Command[Any], consumed: Consumed) -> Eff
     facility = refdata.facility(state.facility_id) if refdata is not None else None
     unit_cost = Decimal(str(item.unit_cost)) if item is not None else Decimal(0)
     return Effect(
-        target=ActorRef("erp", state.facility_id),
+        target=ActorRef("erp", consumed.appointment_id),
         name="posting",
         key=f"{command.key}:posting:{state.id}",
         payload={

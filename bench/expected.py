@@ -9,9 +9,8 @@ recorded.  The result is, per published message, every internal command of its t
 and every downstream effect, with the idempotency key each must be published under.
 
 The outcome does not depend on how the router interleaves entities: an appointment hears only
-its own commands, in order; billing hears only its appointment; supply and ERP of a facility
-work out each appointment's change from that appointment's share of their state alone; items
-never order (the bench stock never reaches a reorder point).
+its own commands, in order; billing, supply and ERP are the appointment's own (keyed like it)
+and hear only it; items never order (the bench stock never reaches a reorder point).
 """
 
 from __future__ import annotations

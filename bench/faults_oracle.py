@@ -17,10 +17,11 @@ from caresync.bench.refdata import read_back
 from caresync.bench.workflow_data import write_csv
 from caresync.cli.refdata import stock_commands
 
-CROSSING_KINDS = frozenset({"erp.purchase_order"})
-"""Effects that exist only because an item crossed its reorder point (the order, and ERP's
-call): which crossings happen depends on how appointments interleave at the item actors, so
-they are checked against the items' own record of crossings, not against the pure run."""
+CROSSING_KINDS = frozenset({"purchasing.purchase_order", "erp.purchase_order"})
+"""Effects that exist only because an item crossed its reorder point (the order to the
+facility's purchasing actor, and its call to ERP): which crossings happen depends on how
+appointments interleave at the item actors, so they are checked against the items' own record
+of crossings, not against the pure run."""
 
 
 @dataclass

@@ -42,20 +42,28 @@ def read_states(db_path: Path, kinds: Sequence[str] | None = None) -> dict[tuple
     return {(kind, id_): _state_decoders[kind].decode(raw) for kind, id_, raw in rows}
 
 
+LEDGER_OWNERS: dict[str, str] = {
+    "billing": "billing",
+    "supply": "supply",
+    "erp": "erp",
+    "purchasing": "erp",
+}
+"""Actor kinds that keep a sync ledger, to the system it is with (purchasing: ERP's POs)."""
+
+
 def ledgers(states: Mapping[tuple[str, str], Any]) -> dict[str, list[tuple[str, Ledger]]]:
-    """Per system, (entity, ledger) of every sync ledger its owning actors keep."""
+    """Per system, (kind/entity, ledger) of every sync ledger its owning actors keep."""
     out: dict[str, list[tuple[str, Ledger]]] = {s: [] for s in SYSTEMS}
     for (kind, id_), state in states.items():
-        if kind == "billing":
-            out["billing"].append((id_, state.ledger))
-        elif kind in ("supply", "erp"):
-            out[kind].extend((f"{id_}/{name}", ledger) for name, ledger in state.ledgers.items())
+        system = LEDGER_OWNERS.get(kind)
+        if system is not None:
+            out[system].append((f"{kind}/{id_}", state.ledger))
     return out
 
 
 def open_keys(db_path: Path) -> dict[str, int]:
     """Per system, effects sent and not yet acknowledged (pending keys of every ledger)."""
-    found = ledgers(read_states(db_path, ("billing", "supply", "erp")))
+    found = ledgers(read_states(db_path, tuple(LEDGER_OWNERS)))
     return {s: sum(len(ledger.pending) for _, ledger in entries) for s, entries in found.items()}
 
 

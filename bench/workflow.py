@@ -40,7 +40,7 @@ from anyio.abc import Process
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from caresync.actors import billing, erp, item, supply
+from caresync.actors import billing, erp, item, purchasing, supply
 from caresync.bench import fanout as fo
 from caresync.bench import report
 from caresync.bench.deployment import measure, say
@@ -135,6 +135,7 @@ _decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "billing": msgspec.msgpack.Decoder(billing.BillingState),
     "supply": msgspec.msgpack.Decoder(supply.SupplyState),
     "erp": msgspec.msgpack.Decoder(erp.ErpState),
+    "purchasing": msgspec.msgpack.Decoder(purchasing.PurchasingState),
     "item": msgspec.msgpack.Decoder(item.ItemState),
 }
 
@@ -148,8 +149,8 @@ def store_state(
 ) -> dict[str, int]:
     """Counts that say whether the router has settled (and what it has done).
 
-    ``ledgers``: also decode every billing, supply and ERP state and count the pending and
-    failed keys of their sync ledgers (the costly part: the per-facility snapshots are big).
+    ``ledgers``: also decode every billing, supply, ERP and purchasing state and count the
+    pending and failed keys of their sync ledgers (the costly part: one state per appointment).
     """
     conn = _ro(db_path)
     try:
@@ -162,14 +163,12 @@ def store_state(
             "SELECT count(*) FROM outbox WHERE instr(subject, '.out.') > 0"
         ).fetchone()[0]
         pending = failed = opened = 0
-        for kind in ("billing", "supply", "erp") if ledgers else ():
+        for kind in ("billing", "supply", "erp", "purchasing") if ledgers else ():
             for (blob,) in conn.execute("SELECT state FROM entities WHERE kind = ?", (kind,)):
-                state = _decoders[kind].decode(blob)
-                entries = [state.ledger] if kind == "billing" else list(state.ledgers.values())
-                for ledger in entries:
-                    opened += 1
-                    pending += len(ledger.pending)
-                    failed += len(ledger.failed)
+                ledger = _decoders[kind].decode(blob).ledger
+                opened += 1
+                pending += len(ledger.pending)
+                failed += len(ledger.failed)
         calls = conn.execute(
             "SELECT count(*), count(DISTINCT effect_key) FROM downstream_calls"
         ).fetchone()

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from caresync.actors import appointment, billing, erp, item, supply
+from caresync.actors import appointment, billing, erp, item, purchasing, supply
 from caresync.actors.ledger import Ledger
 from caresync.store import Store
 
@@ -35,7 +35,14 @@ async def build_report(store: Store) -> dict[str, Any]:
     sync: dict[str, Counter[str]] = {s: Counter() for s in ("billing", "supply", "erp")}
     decoders = {
         k.name: msgspec.msgpack.Decoder(k.state_type)
-        for k in (appointment.KIND, billing.KIND, supply.KIND, erp.KIND, item.KIND)
+        for k in (
+            appointment.KIND,
+            billing.KIND,
+            supply.KIND,
+            erp.KIND,
+            purchasing.KIND,
+            item.KIND,
+        )
     }
     parked = 0
     for row in await store.entities():
@@ -60,15 +67,15 @@ async def build_report(store: Store) -> dict[str, Any]:
             for lines in state.reservations.values():
                 reservations += len(lines)
                 reserved_units += sum(lines.values())
-            for ledger in state.ledgers.values():
-                _ledger_totals(sync["supply"], ledger)
+            _ledger_totals(sync["supply"], state.ledger)
         elif isinstance(state, erp.ErpState):
             demand_lines += sum(len(lines) for lines in state.demand.values())
-            purchase_orders += len(state.purchase_orders)
             postings += state.postings
             posted += Decimal(state.posted_amount)
-            for ledger in state.ledgers.values():
-                _ledger_totals(sync["erp"], ledger)
+            _ledger_totals(sync["erp"], state.ledger)
+        elif isinstance(state, purchasing.PurchasingState):
+            purchase_orders += state.orders
+            _ledger_totals(sync["erp"], state.ledger)
         elif isinstance(state, item.ItemState):
             items_below += state.stocked and state.available <= state.reorder_point
     counts = await store.counts()

@@ -1,7 +1,7 @@
 """Business views over the committed state: what operators ask about an appointment or an item.
 
-An appointment's sync position spans several actors (its billing actor, and the supply and ERP
-actors of its facility, which keep a ledger per appointment); the view reads them together.
+An appointment's sync position spans several actors, all keyed like the appointment (its
+billing, supply and ERP conversations); the view reads them together.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ async def appointment_view(store: Store, appointment_id: str) -> dict[str, Any] 
     details = state.details
     facility = state.plan.facility_id or (details.facility_id if details else "")
     bill = await _load(store, "billing", appointment_id)
-    sup = await _load(store, "supply", facility) if facility else None
-    ledger_erp = await _load(store, "erp", facility) if facility else None
+    sup = await _load(store, "supply", appointment_id)
+    ledger_erp = await _load(store, "erp", appointment_id)
     b: billing.BillingState | None = bill[0] if bill else None
     s: supply.SupplyState | None = sup[0] if sup else None
     e: erp.ErpState | None = ledger_erp[0] if ledger_erp else None
@@ -76,27 +76,27 @@ async def appointment_view(store: Store, appointment_id: str) -> dict[str, Any] 
         },
         "supply": {
             "reservations": [
-                {"item_id": i, "facility_id": facility, "quantity": q}
-                for i, q in sorted((s.reservations.get(state.id, {}) if s else {}).items())
+                {"item_id": i, "facility_id": f, "quantity": q}
+                for f, held in sorted((s.reservations if s else {}).items())
+                for i, q in sorted(held.items())
             ],
         },
         "erp": {
             "demand": [
                 {
                     "item_id": d.item_id,
-                    "facility_id": facility,
+                    "facility_id": f,
                     "date": d.date,
                     "quantity": d.quantity,
                 }
-                for d in (e.demand.get(state.id, ()) if e else ())
+                for f, lines in sorted((e.demand if e else {}).items())
+                for d in lines
             ],
         },
         "sync": {
             "billing": _sync(b.ledger if b else None, bill[1] if bill else None),
-            "supply": _sync(s.ledgers.get(state.id) if s else None, sup[1] if sup else None),
-            "erp": _sync(
-                e.ledgers.get(state.id) if e else None, ledger_erp[1] if ledger_erp else None
-            ),
+            "supply": _sync(s.ledger if s else None, sup[1] if sup else None),
+            "erp": _sync(e.ledger if e else None, ledger_erp[1] if ledger_erp else None),
         },
         "version": state.version,
     }

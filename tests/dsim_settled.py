@@ -1,11 +1,12 @@
 """The invariants that hold whenever the simulated network is quiescent (nothing in flight).
 
 Numbers as in the issue: (1) reservations, consumption and demand in the item, supply and ERP
-actors equal what the cards and charge lines of the cases say, and so do the deltas their
-systems were told and the ERP postings; (2) on order is the POs sent minus the goods received;
-(3) POs sent = crossings counted by the item = crossings seen by the oracle; (4) charges only
-for lines posted to a performed case, each billed once, and each procedure's charges and status
-as its case's; every ledger settled; live states equal their stored bytes.
+actors (the last two per appointment, by facility) equal what the cards and charge lines of the
+cases say, and so do the deltas their systems were told and the ERP postings; (2) on order is
+the POs sent minus the goods received; (3) POs sent = crossings counted by the item = crossings
+seen by the oracle, each PO sent once by its facility's purchasing actor and taken once by ERP;
+(4) charges only for lines posted to a performed case, each billed once, and each procedure's
+charges and status as its case's; every ledger settled; live states equal their stored bytes.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def _unit_cost(refdata: RefData, item_id: str) -> Decimal:
 
 def _nonzero(counts: Counter[Any]) -> Counter[Any]:
     return Counter({k: v for k, v in counts.items() if v})
+
+
+LEDGER_KINDS = (*SYSTEMS, "purchasing")
+"""The actor kinds that keep a sync ledger with a downstream system."""
 
 
 class Settled:
@@ -107,35 +112,47 @@ class Settled:
             used = sum(c[item_id] for (f, _), c in consumed.items() if f == facility)
             if item.consumed != used:
                 self.fail(f"{key[1]} consumed {item.consumed}; completed cases used {used}")
-        for facility in FACILITIES:
-            supply = sim.stored_state(("supply", facility))
-            erp = sim.stored_state(("erp", facility))
-            for appt in sorted(set(appointments) | set(supply.reservations) | set(erp.demand)):
-                holds = (supply.reservations.get(appt, {}), supply.consumed.get(appt, {}))
+        # Supply and ERP are keyed by appointment and hold the case's share per facility.
+        owners = {k[1] for kind in ("supply", "erp") for k in sim.entities(kind)}
+        for appt in sorted(set(appointments) | owners):
+            supply = sim.stored_state(("supply", appt))
+            erp = sim.stored_state(("erp", appt))
+            places = set(FACILITIES) | set(supply.reservations) | set(supply.consumed)
+            for facility in sorted(places | set(erp.demand)):
+                holds = (supply.reservations.get(facility, {}), supply.consumed.get(facility, {}))
                 case: tuple[dict[str, int], dict[str, int]] = (
                     reserved.get((facility, appt), {}),
                     consumed.get((facility, appt), {}),
                 )
                 if holds != case:
-                    self.fail(f"supply {facility} holds {holds} for {appt}; its case says {case}")
+                    self.fail(f"supply {appt} holds {holds} at {facility}; its case says {case}")
                 got: Counter[tuple[str, str]] = Counter()
-                for line in erp.demand.get(appt, ()):
+                for line in erp.demand.get(facility, ()):
                     got[(line.item_id, line.date)] += line.quantity
                 if got != demand.get((facility, appt), Counter()):
-                    self.fail(f"ERP {facility} demand of {appt} is {dict(got)}")
+                    self.fail(f"ERP {appt} demand at {facility} is {dict(got)}")
         self._told(refdata)
 
     def _told(self, refdata: RefData) -> None:
         """What the supply and ERP systems were told adds up to what the actors hold; the
-        ERP postings add up to the cost of what was consumed."""
+        ERP postings add up to the cost of what was consumed, per facility (the items) and per
+        case (its ERP actor and its supply consumption)."""
         sim = self.sim
         told: Counter[tuple[str, ...]] = Counter()
+        posted: dict[str, Decimal] = {}
+        """Amount ERP was told was posted, by facility."""
+        posted_for: dict[str, Decimal] = {}
+        """The same, by appointment."""
         for _, effect in self.emitted.values():
             p = effect.payload
             if effect.name in ("reservation", "consumption"):
                 told[(effect.name, p["facility_id"], p["item_id"])] += p["quantity"]
             elif effect.name == "demand":
                 told[("demand", p["facility_id"], p["item_id"], p["date"])] += p["quantity"]
+            elif effect.name == "posting":
+                amount, case = Decimal(p["amount"]), p["appointment_id"]
+                posted[p["facility_id"]] = posted.get(p["facility_id"], Decimal(0)) + amount
+                posted_for[case] = posted_for.get(case, Decimal(0)) + amount
         held: Counter[tuple[str, ...]] = Counter()
         cost: Counter[str] = Counter()
         for key in sim.entities("item"):
@@ -145,10 +162,25 @@ class Settled:
             held[("consumption", facility, item_id)] += item.consumed
             cost[facility] += _unit_cost(refdata, item_id) * item.consumed
         for facility in FACILITIES:
-            erp = sim.stored_state(("erp", facility))
-            if Decimal(erp.posted_amount) != cost[facility]:
-                self.fail(f"ERP {facility} posted {erp.posted_amount}; consumption cost {cost}")
-            for lines in erp.demand.values():
+            if posted.get(facility, Decimal(0)) != cost[facility]:
+                self.fail(f"ERP got postings of {posted.get(facility)} for {facility}; {cost}")
+        for appt in sorted({k[1] for kind in ("supply", "erp") for k in sim.entities(kind)}):
+            erp = sim.stored_state(("erp", appt))
+            supply = sim.stored_state(("supply", appt))
+            used = sum(
+                (
+                    _unit_cost(refdata, item_id) * quantity
+                    for lines in supply.consumed.values()
+                    for item_id, quantity in lines.items()
+                ),
+                Decimal(0),
+            )
+            if not Decimal(erp.posted_amount) == posted_for.get(appt, Decimal(0)) == used:
+                self.fail(
+                    f"ERP {appt} posted {erp.posted_amount}, ERP got {posted_for.get(appt)}; "
+                    f"the case consumed {used} worth"
+                )
+            for facility, lines in erp.demand.items():
                 for line in lines:
                     held[("demand", facility, line.item_id, line.date)] += line.quantity
         told, held = _nonzero(told), _nonzero(held)
@@ -166,10 +198,26 @@ class Settled:
                 ordered.setdefault(entity, []).append((p["po_id"], p["quantity"]))
                 if effect_key not in sim.connectors["erp"].failed:
                     self.fail(f"PO {p['po_id']} was never delivered to ERP")
-        for facility in FACILITIES:
-            erp = sim.stored_state(("erp", facility))
-            if len(erp.purchase_orders) != len(set(erp.purchase_orders)):
-                self.fail(f"ERP {facility} sent a PO twice: {erp.purchase_orders}")
+        # What ERP took: each PO once (a second key for the same PO would be a second order).
+        took = Counter(
+            self.emitted[k][1].payload["po_id"]
+            for k in sim.connectors["erp"].records
+            if self.emitted[k][1].name == "purchase_order"
+        )
+        twice = {po: n for po, n in took.items() if n > 1}
+        if twice:
+            self.fail(f"ERP took a PO more than once: {twice}")
+        # Each facility's purchasing actor sent every PO its item actors raised, once each.
+        raised = Counter[str]()
+        for key in sim.entities("item"):
+            item = sim.stored_state(key)
+            raised[item.facility_id] += len(item.purchase_orders)
+        for facility in sorted(set(raised) | {k[1] for k in sim.entities("purchasing")}):
+            orders = sim.stored_state(("purchasing", facility)).orders
+            if orders != raised[facility]:
+                self.fail(
+                    f"purchasing {facility} sent {orders} POs; its items raised {raised[facility]}"
+                )
         for key in sim.entities("item"):
             item = sim.stored_state(key)
             pos = ordered.get(key[1], [])
@@ -236,13 +284,11 @@ class Settled:
         """Every acknowledgement arrived: nothing is pending in any sync ledger."""
         sim = self.sim
         for key in sim.stored:
-            if key[0] not in SYSTEMS:
+            if key[0] not in LEDGER_KINDS:
                 continue
-            state = sim.stored_state(key)
-            ledgers = [state.ledger] if key[0] == "billing" else list(state.ledgers.values())
-            owners = getattr(state, "owners", {})
-            if owners or any(ledger.pending for ledger in ledgers):
-                self.fail(f"{key[0]}:{key[1]} still waits for acks: {owners or ledgers}")
+            ledger = sim.stored_state(key).ledger
+            if ledger.pending:
+                self.fail(f"{key[0]}:{key[1]} still waits for acks: {ledger}")
 
     def _billing_mirrors_case(self, appointments: dict[str, Any]) -> None:
         """A closed case's pre-billing tasks are flagged for reversal after the last readiness."""

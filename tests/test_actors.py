@@ -19,6 +19,7 @@ from caresync.actors import (
     Accepted,
     ActorRef,
     Command,
+    Downstream,
     Effect,
     EntityKind,
     Registry,
@@ -117,12 +118,14 @@ def test_a_booking_sends_its_plan_to_each_owner_keyed_by_the_command() -> None:
     _, decision = accept(appointment.KIND, appointment.initial("A1"), cmd("book", book))
 
     assert [(e.target, e.name, e.key) for e in decision.effects] == [
-        (ActorRef("supply", "MAIN"), "plan", "A1/c1:supply:MAIN"),
-        (ActorRef("erp", "MAIN"), "demand", "A1/c1:erp:MAIN"),
+        (ActorRef("supply", "A1"), "plan", "A1/c1:supply:MAIN"),
+        (ActorRef("erp", "A1"), "demand", "A1/c1:erp:MAIN"),
         (ActorRef("billing", "A1"), "update", "A1/c1:billing"),
         (ActorRef("visit", "V1"), "link", "A1/c1:visit"),
         (ActorRef("procedure", "A1#27447"), "update", "A1/c1:procedure:27447"),
     ]
+    # Supply and ERP are the case's own conversations; the payload names the facility.
+    assert [e.payload["facility_id"] for e in decision.effects[:2]] == ["MAIN", "MAIN"]
     # Each payload is a valid command of its target.
     for effect in decision.effects:
         kind, command = as_command(effect)
@@ -135,14 +138,15 @@ def test_procedures_sharing_an_item_make_one_reservation_of_the_sum() -> None:
         procedures=(ProcedureRef(code="27447"), ProcedureRef(code="27447", provider_id="DR-WHO")),
     )
     _, decision = accept(appointment.KIND, appointment.initial("A1"), cmd("book", book))
-    [plan] = [e for e in decision.effects if e.target == ActorRef("supply", "MAIN")]
+    [plan] = [e for e in decision.effects if e.target == ActorRef("supply", "A1")]
+    assert plan.payload["facility_id"] == "MAIN"
     assert list(msgspec.to_builtins(plan.payload["reservations"])) == [
         {"item_id": "gauze", "quantity": 10},  # 4 (general card) + 6 (DR-WHO's card)
         {"item_id": "knee-kit", "quantity": 1},
     ]
 
     kind, command = as_command(plan)
-    _, at_supply = accept(kind, kind.initial("MAIN"), command)
+    _, at_supply = accept(kind, kind.initial("A1"), command)
     reserves = [e for e in at_supply.effects if e.name == "reserve"]
     assert [(e.target, e.payload["quantity"]) for e in reserves] == [
         (ActorRef("item", "gauze@MAIN"), 10),
@@ -167,14 +171,15 @@ def test_rebooking_a_cancelled_appointment_is_accepted_and_plans_again() -> None
         ("gauze", 4),
         ("knee-kit", 1),
     ]
-    # Nothing is left at MAIN to take back: only the new facility, billing and the
+    # Nothing is left at MAIN to take back: only the plan at the new facility, billing and the
     # procedure (booked again) hear of it.
     assert [e.target for e in decision.effects] == [
-        ActorRef("supply", "NORTH"),
-        ActorRef("erp", "NORTH"),
+        ActorRef("supply", "A1"),
+        ActorRef("erp", "A1"),
         ActorRef("billing", "A1"),
         ActorRef("procedure", "A1#27447"),
     ]
+    assert [e.payload["facility_id"] for e in decision.effects[:2]] == ["NORTH", "NORTH"]
 
 
 # -- idempotency keys -----------------------------------------------------------------------
@@ -241,9 +246,10 @@ OWNER_COMMANDS: list[tuple[str, str, str, dict[str, Any]]] = [
     ),
     (
         "supply",
-        "MAIN",
+        "A1",
         "plan",
         {
+            "facility_id": "MAIN",
             "appointment_id": "A1",
             "reservations": [{"item_id": "gauze", "quantity": 4}],
             "consumed": [{"item_id": "knee-kit", "quantity": 1}],
@@ -251,9 +257,10 @@ OWNER_COMMANDS: list[tuple[str, str, str, dict[str, Any]]] = [
     ),
     (
         "erp",
-        "MAIN",
+        "A1",
         "demand",
         {
+            "facility_id": "MAIN",
             "appointment_id": "A1",
             "lines": [
                 {"item_id": "gauze", "date": "2027-03-10", "quantity": 4},
@@ -263,7 +270,7 @@ OWNER_COMMANDS: list[tuple[str, str, str, dict[str, Any]]] = [
     ),
     (
         "erp",
-        "MAIN",
+        "A1",
         "posting",
         {
             "facility_id": "MAIN",
@@ -271,6 +278,19 @@ OWNER_COMMANDS: list[tuple[str, str, str, dict[str, Any]]] = [
             "appointment_id": "A1",
             "quantity": 2,
             "amount": "5.00",
+        },
+    ),
+    (
+        "purchasing",
+        "MAIN",
+        "purchase_order",
+        {
+            "po_id": "PO:gauze@MAIN:1",
+            "facility_id": "MAIN",
+            "item_id": "gauze",
+            "supplier_id": "SUP-A",
+            "quantity": 20,
+            "unit_cost": "2.50",
         },
     ),
     ("item", "gauze@MAIN", "consume", {"appointment_id": "A1", "quantity": 2}),
@@ -433,9 +453,11 @@ def test_replaying_the_fan_out_rebuilds_every_actor_it_reached() -> None:
     assert set(recorder.events) >= {
         ("appointment", "A1"),
         ("billing", "A1"),
-        ("supply", "MAIN"),
-        ("supply", "NORTH"),
-        ("erp", "MAIN"),
+        ("supply", "A1"),
+        ("supply", "A2"),
+        ("erp", "A1"),
+        ("erp", "A2"),
+        ("purchasing", "MAIN"),
         ("item", "gauze@MAIN"),
         ("item", "knee-kit@NORTH"),
         ("visit", "V1"),
@@ -446,11 +468,23 @@ def test_replaying_the_fan_out_rebuilds_every_actor_it_reached() -> None:
     assert recorder.states == network.states
     # The walk got somewhere: coverage from the visit, a purchase order, a posting.
     assert recorder.states[("appointment", "A1")].plan.readiness == "pending_authorization"
-    assert recorder.states[("erp", "MAIN")].purchase_orders == ("PO:gauze@MAIN:1",)
-    assert recorder.states[("erp", "MAIN")].postings == 1
-    assert [e.name for e in network.sent("erp") if e.name != "demand"] == [
-        "purchase_order",
-        "posting",
+    assert recorder.states[("purchasing", "MAIN")].orders == 1
+    assert [e.payload["po_id"] for e in network.sent("erp", "purchase_order")] == [
+        "PO:gauze@MAIN:1"
+    ]
+    assert recorder.states[("erp", "A1")].postings == 1
+    assert recorder.states[("erp", "A2")].postings == 0
+    # A2 moved to NORTH then was cancelled: its conversations hold nothing at either facility.
+    assert (
+        recorder.states[("supply", "A2")].reservations,
+        recorder.states[("erp", "A2")].demand,
+    ) == (
+        {},
+        {},
+    )
+    assert [(e.target, e.name) for e in network.sent("erp") if e.name != "demand"] == [
+        (Downstream("erp", "MAIN"), "purchase_order"),
+        (Downstream("erp", "A1"), "posting"),
     ]
 
 
@@ -476,6 +510,7 @@ def test_default_registry_hosts_the_kinds() -> None:
         "billing",
         "supply",
         "erp",
+        "purchasing",
         "item",
         "visit",
     }

@@ -32,6 +32,7 @@ from caresync.actors import Accepted, Command, Registry, default_registry
 from caresync.actors import appointment as appointment_actor
 from caresync.actors import billing as billing_actor
 from caresync.actors import item as item_actor
+from caresync.actors import purchasing as purchasing_actor
 from caresync.actors import supply as supply_actor
 
 MAX_REPORTED = 10
@@ -181,6 +182,32 @@ def test_the_checker_catches_reservations_left_behind_after_consumption() -> Non
 
     broken = dataclasses.replace(supply_actor.KIND, decide=keeps_leftovers)
     assert "booked cards say" in _first_violation(_registry(supply=broken))
+
+
+def test_the_checker_catches_a_purchasing_actor_that_sends_a_po_twice() -> None:
+    def twice(state: Any, command: Command[Any]) -> Any:
+        decision = purchasing_actor.decide(state, command)
+        if isinstance(decision, Accepted) and decision.effects:
+            [po] = decision.effects
+            again = msgspec.structs.replace(po, key=f"{po.key}:again")
+            return Accepted(events=decision.events, effects=(po, again))
+        return decision
+
+    broken = dataclasses.replace(purchasing_actor.KIND, decide=twice)
+    assert "ordered twice" in _first_violation(_registry(purchasing=broken))
+
+
+def test_the_checker_catches_a_purchasing_ledger_left_waiting() -> None:
+    def deaf(state: Any, command: Command[Any]) -> Any:
+        decision = purchasing_actor.decide(state, command)
+        if isinstance(decision, Accepted) and command.name == "downstream_ack":
+            return Accepted()  # acknowledgements never filed
+        return decision
+
+    broken = dataclasses.replace(purchasing_actor.KIND, decide=deaf)
+    message = _first_violation(_registry(purchasing=broken)).splitlines()[0]
+    assert "still waits for acks" in message
+    assert ": purchasing:" in message
 
 
 def test_the_checker_catches_effect_keys_that_change_when_a_command_is_decided_again(

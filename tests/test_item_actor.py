@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from caresync.actors import Accepted, ActorRef, Command, Effect, Rejected, erp, item
+from caresync.actors import (
+    Accepted,
+    ActorRef,
+    Command,
+    Downstream,
+    Effect,
+    Rejected,
+    item,
+    purchasing,
+)
 from caresync.actors.item import (
     Consume,
     GoodsReceived,
@@ -18,6 +27,7 @@ from caresync.actors.item import (
     POAcknowledged,
     Release,
     Reserve,
+    ReturnStock,
     SetStock,
 )
 
@@ -102,7 +112,7 @@ def test_consumption_posts_its_cost_to_the_facility_cost_center() -> None:
     state = stocked(on_hand=30)
     _, decision = run(state, "consume", Consume(appointment_id="A1", quantity=4), id="dft-1")
     [posting] = [e for e in decision.effects if e.name == "posting"]
-    assert posting.target == ActorRef("erp", "MAIN-OR")
+    assert posting.target == ActorRef("erp", "A1")  # the appointment's ERP conversation
     assert posting.key == f"{KEY}/dft-1:posting:{KEY}"
     assert posting.payload["amount"] == "5.00"
     assert posting.payload["cost_center"] == "CC-100"
@@ -114,7 +124,7 @@ def test_falling_to_the_reorder_point_orders_once_for_the_reorder_quantity() -> 
     assert purchase_orders(decision) == []  # 11 > 10
     state, decision = run(state, "reserve", Reserve(appointment_id="A2", quantity=1))
     [po] = purchase_orders(decision)  # 10 <= 10: a crossing
-    assert po.target == ActorRef("erp", "MAIN-OR")
+    assert po.target == ActorRef("purchasing", "MAIN-OR")  # the facility's purchasing
     assert po.key == f"po:{KEY}:1"
     assert po.payload["quantity"] == 50
     assert po.payload["supplier_id"] == "SUP-1"
@@ -159,6 +169,9 @@ def test_goods_received_moves_on_order_to_on_hand_and_acks_are_recorded() -> Non
     [
         ("reserve", Reserve(appointment_id="A1", quantity=-1), "negative"),
         ("consume", Consume(appointment_id="A1", quantity=0), "not positive"),
+        # the cost goes to the appointment's ERP actor: no appointment, no actor to send it to
+        ("consume", Consume(appointment_id="", quantity=1), "names no appointment"),
+        ("return_stock", ReturnStock(appointment_id="", quantity=1), "names no appointment"),
         ("po_acknowledged", POAcknowledged(po_id="PO:nope"), "is not one of"),
         ("set_stock", SetStock(on_hand=-5, reorder_point=1, reorder_quantity=1), "negative"),
     ],
@@ -175,7 +188,7 @@ def test_no_replenishment_before_a_stock_count() -> None:
     assert state.available == -5
 
 
-def test_erp_sends_each_purchase_order_downstream_keyed_by_the_request() -> None:
+def test_purchasing_sends_each_purchase_order_to_erp_keyed_by_the_request() -> None:
     state = stocked(on_hand=10)
     counted = item.decide(
         item.initial(KEY),
@@ -183,21 +196,25 @@ def test_erp_sends_each_purchase_order_downstream_keyed_by_the_request() -> None
     )
     assert isinstance(counted, Accepted)
     [po] = counted.effects
+    assert po.target == ActorRef("purchasing", "MAIN-OR")
     request = Command(
         id=po.key,
         name="purchase_order",
         entity="MAIN-OR",
         occurred_at=T0,
-        payload=erp.PurchaseOrderRequest(**po.payload),
+        payload=purchasing.PurchaseOrderRequest(**po.payload),
     )
-    decision = erp.decide(erp.initial("MAIN-OR"), request)
+    decision = purchasing.decide(purchasing.initial("MAIN-OR"), request)
     assert isinstance(decision, Accepted)
     [down] = decision.effects
+    assert down.target == Downstream("erp", "MAIN-OR")
     assert down.name == "purchase_order"
     assert down.key == f"MAIN-OR/po:{KEY}:1:erp"
-    assert erp.KIND.apply(erp.initial("MAIN-OR"), decision.events).purchase_orders == (
-        state.purchase_orders[0].po_id,
-    )
+    assert down.payload["po_id"] == state.purchase_orders[0].po_id
+    after = purchasing.KIND.apply(purchasing.initial("MAIN-OR"), decision.events)
+    assert (after.orders, after.ledger.pending) == (1, (down.key,))
+    # deciding the same request again gives the same order under the same key
+    assert purchasing.decide(purchasing.initial("MAIN-OR"), request) == decision
 
 
 def test_random_walks_order_exactly_once_per_crossing() -> None:

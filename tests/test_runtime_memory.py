@@ -332,18 +332,26 @@ async def check_lifecycles_done(
     assert {
         k: (v.status, v.readiness, len(v.lines), v.ledger.wanted) for k, v in bills.items()
     } == dict.fromkeys(appts, ("completed", "ready", 1, 2))  # told: readiness, then the charge
-    at = {f: {f"A{a}" for a in range(appointments) if FACILITIES[a % 2] == f} for f in FACILITIES}
     # Performed without consuming supplies: every reservation released, every demand reversed.
+    # Supply and ERP are per appointment; nobody acknowledges here, so every effect each sent
+    # is pending, and its key names the case's facility (<appt>/<cmd>:<owner>:<facility>:...).
+    at = {f"A{a}": {FACILITIES[a % 2]} for a in range(appointments)}
     supplies = await states(store, "supply", SupplyState)
-    assert {f: (s.reservations, s.consumed, set(s.ledgers)) for f, s in supplies.items()} == {
-        f: ({}, {}, ids) for f, ids in at.items()
-    }
+    assert {
+        a: (
+            s.reservations,
+            s.consumed,
+            s.ledger.wanted,
+            {k.split(":")[2] for k in s.ledger.pending},
+        )
+        for a, s in supplies.items()
+    } == {a: ({}, {}, 2 * len(CARD), f) for a, f in at.items()}  # per item: reserved, released
     erps = await states(store, "erp", ErpState)
-    assert {f: (e.demand, set(e.ledgers)) for f, e in erps.items()} == {
-        f: ({}, ids) for f, ids in at.items()
-    }
     wanted = len(CARD) * (1 + 2 * 3 + 1)  # per item: planned, moved 3 times (-old +new), reversed
-    assert {e.ledgers[a].wanted for e in erps.values() for a in e.ledgers} == {wanted}
+    assert {
+        a: (e.demand, e.ledger.wanted, {k.split(":")[2] for k in e.ledger.pending})
+        for a, e in erps.items()
+    } == {a: ({}, wanted, f) for a, f in at.items()}
     items = await states(store, "item", ItemState)
     assert {k: v.reservations for k, v in items.items()} == {
         f"{item}@{f}": {} for f in FACILITIES for item in CARD
@@ -391,15 +399,19 @@ async def test_out_of_order_application_is_detected(
 
 
 # -- effects ------------------------------------------------------------------------------------
-def expected_internal(cid: str, name: str, facility: str, moved_to: str = "") -> list[str]:
+def expected_internal(
+    appt: str, command_id: str, name: str, facility: str, moved_to: str = ""
+) -> list[str]:
     """The keys of the internal messages one appointment command causes (actors' key rules).
 
-    ``cid`` is the appointment command's key base (``<appointment>/<command id>``); an owner's
-    own effects are keyed from the key of the command it received, prefixed by its entity.
+    The appointment command's key base is ``<appointment>/<command id>``; an owner's
+    own effects are keyed from the key of the command it received, prefixed by its entity (the
+    supply actor is the appointment's: ``<appointment>/<appointment>/<command id>:supply:...``).
     """
+    cid = f"{appt}/{command_id}"
 
     def items(f: str, op: str) -> list[str]:
-        return [f"{f}/{cid}:supply:{f}:{item}:{op}" for item in CARD]
+        return [f"{appt}/{cid}:supply:{f}:{item}:{op}" for item in CARD]
 
     procedure = f"{cid}:procedure:27447"
     if name == "book":
@@ -444,7 +456,7 @@ async def test_each_accepted_command_fans_out_exactly_once_with_deterministic_ke
             cmds.append(c)
             here = moved_to if moved_to and step > 1 else facility
             expected_ids += expected_internal(
-                f"{appt}/{c.id}", name, here, moved_to if name == "reschedule" else ""
+                appt, c.id, name, here, moved_to if name == "reschedule" else ""
             )
             if name == "post_charges":
                 completed.append(c)
@@ -910,11 +922,13 @@ async def test_passivated_entities_are_loaded_back_from_the_store(
     assert (bills["A0"].status, bills["A0"].ledger.wanted) == ("booked", 1)
     assert (bills["A1"].status, bills["A1"].ledger.wanted) == ("completed", 2)
     supplies = await states(store, "supply", SupplyState)
-    assert {f: len(s.reservations) for f, s in supplies.items()} == {"MAIN": 50, "NORTH": 49}
-    assert "A1" not in supplies["NORTH"].reservations
-    erp = (await states(store, "erp", ErpState))["MAIN"]
-    assert {d.date for d in erp.demand["A0"]} == {"2027-03-20"}
-    assert {d.date for d in erp.demand["A2"]} == {f"2027-03-{FIRST_DAY}"}
+    held = Counter(f for s in supplies.values() for f in s.reservations)
+    assert held == {"MAIN": 50, "NORTH": 49}
+    assert supplies["A1"].reservations == {}
+    assert set(supplies["A3"].reservations) == {"NORTH"}
+    erps = await states(store, "erp", ErpState)
+    assert {d.date for d in erps["A0"].demand["MAIN"]} == {"2027-03-20"}
+    assert {d.date for d in erps["A2"].demand["MAIN"]} == {f"2027-03-{FIRST_DAY}"}
     # Loaded back or kept live, every actor decided as if it had never left memory.
     await check_matches_oracle(store, transport, books + later)
 
@@ -935,7 +949,7 @@ async def test_a_reloaded_entity_decides_like_one_that_stayed_live(
 
     appt = (await states(store, "appointment", AppointmentState))["A1"]
     assert appt.plan.date == "2027-03-10"
-    assert {d.date for d in (await states(store, "erp", ErpState))["MAIN"].demand["A1"]} == {
+    assert {d.date for d in (await states(store, "erp", ErpState))["A1"].demand["MAIN"]} == {
         "2027-03-10"
     }
     await check_matches_oracle(store, transport, cmds)
@@ -958,19 +972,21 @@ async def test_transient_publish_failures_are_retried_and_delivered_once(
     assert (router.publisher.stats.duplicates, router.publisher.stats.failed) == (0, 0)
     internal = msg_ids(transport, "cs.int.>")
     assert sorted(internal) == sorted(
-        key for b in books for key in expected_internal(f"{b.entity}/{b.id}", "book", "MAIN")
+        key for b in books for key in expected_internal(b.entity, b.id, "book", "MAIN")
     )
     assert len(downstream_ids(transport)) == 10 * BOOK.downstream
     bills = await states(store, "billing", BillingState)
     assert {k: v.ledger.wanted for k, v in bills.items()} == {f"A{a}": 1 for a in range(10)}
     supplies = await states(store, "supply", SupplyState)
-    assert {k: len(v.reservations) for k, v in supplies.items()} == {"MAIN": 10}
+    assert {k: v.reservations for k, v in supplies.items()} == {
+        f"A{a}": {"MAIN": CARD} for a in range(10)
+    }
     items = await states(store, "item", ItemState)
     assert {k: v.reserved for k, v in items.items()} == {
         f"{item}@MAIN": 10 * n for item, n in CARD.items()
     }
-    erp = (await states(store, "erp", ErpState))["MAIN"]
-    assert len(erp.demand) == 10
+    erps = await states(store, "erp", ErpState)
+    assert {k: set(v.demand) for k, v in erps.items()} == {f"A{a}": {"MAIN"} for a in range(10)}
     await check_matches_oracle(store, transport, books)
 
 
@@ -1063,8 +1079,11 @@ async def test_the_same_command_id_for_two_entities_loses_no_fan_out(
         await settle(router, transport, store)
     bills = await states(store, "billing", BillingState)
     assert {a: s.status for a, s in bills.items()} == {"A1": "booked", "A2": "booked"}
-    supply = (await states(store, "supply", SupplyState))["MAIN"]
-    assert set(supply.reservations) == {"A1", "A2"}
-    assert set((await states(store, "erp", ErpState))["MAIN"].demand) == {"A1", "A2"}
+    supplies = await states(store, "supply", SupplyState)
+    assert {a: s.reservations for a, s in supplies.items()} == {
+        a: {"MAIN": CARD} for a in ("A1", "A2")
+    }
+    erps = await states(store, "erp", ErpState)
+    assert {a: set(e.demand) for a, e in erps.items()} == {a: {"MAIN"} for a in ("A1", "A2")}
     items = await states(store, "item", ItemState)
     assert items["gauze@MAIN"].reservations == {"A1": 4, "A2": 4}

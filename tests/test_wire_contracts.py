@@ -95,8 +95,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "outcome": "created",
         "reference": "BILL-1",
     },
-    # supply (keyed by facility)
+    # supply (keyed by appointment)
     "supply.plan": {
+        "facility_id": "F1",
         "appointment_id": "A1",
         "reservations": [
             {"item_id": "gauze", "quantity": 4},
@@ -105,28 +106,21 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "consumed": [{"item_id": "gauze", "quantity": 2}],
     },
     "supply.downstream_ack": {
-        "effect_key": "c-plan:gauze:reservation",
+        "effect_key": "A1/c-plan:gauze:reservation",
         "system": "supply",
         "operation": "reservation",
         "outcome": "failed",
         "error": "item blocked",
         "attempts": 3,
     },
-    # erp (keyed by facility)
+    # erp (keyed by appointment)
     "erp.demand": {
+        "facility_id": "F1",
         "appointment_id": "A1",
         "lines": [
             {"item_id": "gauze", "date": "2026-12-02", "quantity": 4},
             {"item_id": "knee-kit", "date": "2026-12-02", "quantity": 1},
         ],
-    },
-    "erp.purchase_order": {
-        "po_id": "PO:gauze@F1:1",
-        "facility_id": "F1",
-        "item_id": "gauze",
-        "supplier_id": "S1",
-        "quantity": 50,
-        "unit_cost": "1.25",
     },
     "erp.posting": {
         "facility_id": "F1",
@@ -138,11 +132,27 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "cost_center": "CC1",
     },
     "erp.downstream_ack": {
-        "effect_key": "c-demand:erp:demand:gauze:2026-12-02",
+        "effect_key": "A1/c-demand:erp:demand:gauze:2026-12-02",
         "system": "erp",
         "operation": "demand",
         "outcome": "duplicate",
         "reference": "DEM-1",
+    },
+    # purchasing (keyed by facility)
+    "purchasing.purchase_order": {
+        "po_id": "PO:gauze@F1:1",
+        "facility_id": "F1",
+        "item_id": "gauze",
+        "supplier_id": "S1",
+        "quantity": 50,
+        "unit_cost": "1.25",
+    },
+    "purchasing.downstream_ack": {
+        "effect_key": "F1/c-purchase_order:erp",
+        "system": "erp",
+        "operation": "purchase_order",
+        "outcome": "created",
+        "reference": "PO-000001",
     },
     # item (keyed item@facility)
     "item.set_stock": {
@@ -199,8 +209,9 @@ def test_command_payloads_round_trip(name: str, payload_type: type[Any], fmt: st
 
 
 ENTITIES = {
-    "supply": "F1",
-    "erp": "F1",
+    "supply": "A1",
+    "erp": "A1",
+    "purchasing": "F1",
     "item": "gauze@F1",
     "visit": "V1",
     "procedure": "E1#27447",

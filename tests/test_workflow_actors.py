@@ -8,6 +8,7 @@ from typing import Any
 
 from workflow_network import T0, Network
 
+from caresync.actors import Downstream
 from caresync.actors.appointment import AppointmentState
 
 
@@ -57,12 +58,18 @@ def test_booking_reserves_the_card_plans_demand_and_evaluates_readiness() -> Non
     assert a.plan.readiness == "ready"
     assert net.state("item", "gauze@MAIN").reservations == {"A1": 4}
     assert net.state("item", "knee-kit@MAIN").reservations == {"A1": 1}
-    demand = net.state("erp", "MAIN").demand["A1"]
+    assert set(net.state("erp", "A1").demand) == {"MAIN"}
+    demand = net.state("erp", "A1").demand["MAIN"]
     assert [(d.item_id, d.date, d.quantity) for d in demand] == [
         ("gauze", "2027-03-10", 4),
         ("knee-kit", "2027-03-10", 1),
     ]
+    assert net.state("supply", "A1").reservations == {"MAIN": {"gauze": 4, "knee-kit": 1}}
     assert [e.payload["quantity"] for e in net.sent("supply", "reservation")] == [4, 1]
+    assert {e.target for e in net.sent("supply") + net.sent("erp")} == {
+        Downstream("supply", "A1"),
+        Downstream("erp", "A1"),
+    }
     assert [e.payload["readiness"] for e in net.sent("billing", "readiness")] == ["ready"]
     assert len(net.sent("erp", "demand")) == 2
 
@@ -102,8 +109,9 @@ def test_reschedule_moves_reservations_and_demand_to_the_new_date_and_facility()
     )
     assert net.state("item", "gauze@MAIN").reservations == {}
     assert net.state("item", "gauze@NORTH").reservations == {"A1": 4}
-    assert "A1" not in net.state("erp", "MAIN").demand
-    assert {d.date for d in net.state("erp", "NORTH").demand["A1"]} == {"2027-03-20"}
+    assert set(net.state("erp", "A1").demand) == {"NORTH"}
+    assert {d.date for d in net.state("erp", "A1").demand["NORTH"]} == {"2027-03-20"}
+    assert net.state("supply", "A1").reservations == {"NORTH": {"gauze": 4, "knee-kit": 1}}
     main_demand = [
         e.payload["quantity"]
         for e in net.sent("erp", "demand")
@@ -143,7 +151,8 @@ def test_cancel_no_show_and_delete_release_everything_and_flag_billing_reversal(
         net.send("appointment", "A1", name, {"reason": "x"}, id=f"{name}-1")
         assert appt(net).status == status
         assert net.state("item", "gauze@MAIN").reservations == {}
-        assert "A1" not in net.state("erp", "MAIN").demand
+        assert net.state("erp", "A1").demand == {}
+        assert net.state("supply", "A1").reservations == {}
         assert len(net.sent("billing", "reversal")) == 1
         assert sum(e.payload["quantity"] for e in net.sent("supply", "reservation")) == 0
 
@@ -225,6 +234,7 @@ def test_consumption_crossing_the_reorder_point_raises_exactly_one_po() -> None:
     # 3 on hand, 3 reserved: available 0 <= 1 -> one PO at the third booking
     pos = net.sent("erp", "purchase_order")
     assert len(pos) == 1
+    assert pos[0].target == Downstream("erp", "MAIN")  # the facility's purchasing conversation
     assert pos[0].payload["supplier_id"] == "SUP-B"
     assert pos[0].payload["quantity"] == 5
     for n in range(1, 4):
@@ -241,7 +251,8 @@ def test_consumption_crossing_the_reorder_point_raises_exactly_one_po() -> None:
     po_id = item.purchase_orders[0].po_id
     net.send("item", "knee-kit@MAIN", "goods_received", {"po_id": po_id}, id="grn-1")
     assert net.state("item", "knee-kit@MAIN").on_hand == 5
-    assert net.state("erp", "MAIN").purchase_orders == (po_id,)
+    assert [e.payload["po_id"] for e in net.sent("erp", "purchase_order")] == [po_id]
+    assert net.state("purchasing", "MAIN").orders == 1
 
 
 def test_a_booking_without_a_preference_card_is_accepted_and_flagged() -> None:
@@ -257,12 +268,15 @@ def test_the_sync_ledger_goes_pending_then_in_sync_or_failed() -> None:
     net = Network()
     book(net)
     assert net.state("billing", "A1").ledger.state == "pending"
-    assert net.state("supply", "MAIN").ledgers["A1"].state == "pending"
+    assert net.state("supply", "A1").ledger.state == "pending"
+    assert net.state("erp", "A1").ledger.state == "pending"
     net.ack_all()
     billing = net.state("billing", "A1").ledger
     assert (billing.state, billing.wanted, billing.acked) == ("in_sync", 1, 1)
-    assert net.state("supply", "MAIN").ledgers["A1"].state == "in_sync"
-    assert net.state("erp", "MAIN").ledgers["A1"].state == "in_sync"
+    supply = net.state("supply", "A1").ledger
+    assert (supply.state, supply.wanted, supply.acked) == ("in_sync", 2, 2)
+    erp = net.state("erp", "A1").ledger
+    assert (erp.state, erp.wanted, erp.acked) == ("in_sync", 2, 2)
     net.downstream.clear()
     net.send("appointment", "A1", "cancel", {}, id="c1")
     for effect in net.sent("billing"):
@@ -300,17 +314,25 @@ def test_claim_status_flows_back_to_billing() -> None:
     )
 
 
-def test_facility_ledgers_forget_closed_appointments_once_settled() -> None:
-    # Per-facility actors must not grow with every appointment they ever saw.
+def test_no_facility_actor_grows_with_the_appointments_it_sees() -> None:
+    # Supply and ERP conversations are per appointment; only purchasing is per facility, and it
+    # keeps a count and the orders still waiting, not every order or appointment.
     net = Network()
-    book(net)
+    for n in range(1, 4):
+        book(net, f"A{n}", id=f"b{n}")
     net.ack_all()
-    assert "A1" in net.state("supply", "MAIN").ledgers
+    assert net.state("supply", "A1").reservations == {"MAIN": {"gauze": 4, "knee-kit": 1}}
     net.downstream.clear()
-    net.send("appointment", "A1", "cancel", {}, id="c1")
+    for n in range(1, 4):
+        net.send("appointment", f"A{n}", "cancel", {}, id=f"c{n}")
     net.ack_all()
-    assert "A1" not in net.state("supply", "MAIN").ledgers
-    assert "A1" not in net.state("erp", "MAIN").ledgers
+    for n in range(1, 4):
+        supply, erp = net.state("supply", f"A{n}"), net.state("erp", f"A{n}")
+        assert (supply.reservations, supply.consumed, erp.demand) == ({}, {}, {})
+        assert (supply.ledger.pending, supply.ledger.failed) == ((), ())
+        assert (erp.ledger.pending, erp.ledger.failed) == ((), ())
+        assert supply.ledger.state == erp.ledger.state == "in_sync"
+    assert not [k for k in net.states if k[0] in ("supply", "erp") and k[1] in ("MAIN", "NORTH")]
     view_state = net.state("billing", "A1").ledger
     assert view_state.state == "in_sync"
 
