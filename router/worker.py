@@ -107,6 +107,34 @@ class WorkerStats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+@dataclass(slots=True)
+class StageTimes:
+    """Where a worker's batches spend their time, per pipeline stage (seconds since start, and
+    the slowest batch), for ``caresync health`` and the benchmarks."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    slowest: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        """One batch spent ``seconds`` in ``stage``."""
+        self.totals[stage] = self.totals.get(stage, 0.0) + seconds
+        self.slowest[stage] = max(self.slowest.get(stage, 0.0), seconds)
+        self.counts[stage] = self.counts.get(stage, 0) + 1
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """Per stage: batches, total and mean milliseconds, the slowest batch."""
+        return {
+            stage: {
+                "batches": self.counts[stage],
+                "total_ms": round(total * 1000, 1),
+                "mean_ms": round(total * 1000 / self.counts[stage], 3),
+                "max_ms": round(self.slowest[stage] * 1000, 3),
+            }
+            for stage, total in self.totals.items()
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class _ToPublish:
     rows: list[OutboxRow]
@@ -163,6 +191,7 @@ class PartitionWorker:
         self._inject: MemoryObjectSendStream[list[Inbound] | Release] | None = None
         self._registry = registry
         self.stats = WorkerStats()
+        self.stages = StageTimes()
         self._pending = WorkerStats()
 
     @property
@@ -248,7 +277,9 @@ class PartitionWorker:
                 if isinstance(batch, Release):
                     await self._run_release(batch, pub_send)
                     continue
+                t0 = time.perf_counter()
                 write = await self.apply_batch(batch)
+                t1 = time.perf_counter()
                 marks = self._publisher.take_marks()
                 write.sent, write.sent_ranges, write.failed = (
                     marks.sent,
@@ -257,6 +288,8 @@ class PartitionWorker:
                 )
                 seq_range = await self._commit(write)
                 if batch:
+                    self.stages.add("apply", t1 - t0)
+                    self.stages.add("commit", time.perf_counter() - t1)
                     await pub_send.send(_ToPublish(write.outbox, seq_range, batch[-1]))
                 self._passivate()
             self._close_actors()
@@ -266,9 +299,11 @@ class PartitionWorker:
     ) -> None:
         async with receive:
             async for item in receive:
+                t0 = time.perf_counter()
                 await self._publisher.send(item.rows, item.seq_range)
                 if item.last is not None:
                     await consumer.ack_through(item.last)
+                    self.stages.add("publish", time.perf_counter() - t0)
 
     # -- parked entities ------------------------------------------------------------------------
     async def release(self, kind: str, entity: str) -> dict[str, Any]:

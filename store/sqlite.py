@@ -76,6 +76,11 @@ class CallRow:
     """When the attempt ended, in epoch seconds."""
 
 
+BACKGROUND_AUTOCHECKPOINT_PAGES = 25_000
+"""SQLite's own checkpoint threshold (pages of 4 KiB, ~100 MB of log) while a background
+checkpointer runs (:meth:`Store.checkpoint`); SQLite's default is 1,000."""
+
+
 class Store:
     """One SQLite database; use as ``async with await Store.open(path) as store``.
 
@@ -88,6 +93,7 @@ class Store:
         self.path = path
         # One connection serves every partition worker: transactions must not interleave.
         self._write_lock = anyio.Lock()
+        self._checkpointer: aiosqlite.Connection | None = None
 
     @property
     def connection(self) -> aiosqlite.Connection:
@@ -152,7 +158,35 @@ class Store:
 
     async def close(self) -> None:
         """Close the database (idempotent)."""
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+            self._checkpointer = None
         await self._conn.close()
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy the write-ahead log into the database from a second connection, off the
+        commit path; returns (frames in the log, frames copied).
+
+        SQLite's automatic checkpoint runs inside the commit that crosses its threshold and
+        syncs the database file there: a stall of the pipeline at random batches.  A PASSIVE
+        checkpoint never blocks the writer.  Once this is called, the automatic one is moved
+        far out (:data:`BACKGROUND_AUTOCHECKPOINT_PAGES`), a safety net should the caller stop.
+        """
+        try:
+            if self._checkpointer is None:
+                conn = await aiosqlite.connect(self.path, isolation_level=None)
+                await conn.execute("PRAGMA busy_timeout=1000")
+                self._checkpointer = conn
+                await self._conn.execute(
+                    f"PRAGMA wal_autocheckpoint={BACKGROUND_AUTOCHECKPOINT_PAGES}"
+                )
+            async with self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "checkpointing the write-ahead log") from exc
+        if row is None:
+            return 0, 0
+        return int(row[1]), int(row[2])
 
     async def __aenter__(self) -> Store:
         return self
