@@ -16,6 +16,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ from nats.js import JetStreamContext
 
 from caresync.bench import fanout as fo
 from caresync.bench import report
+from caresync.bench.args import add_arguments
 from caresync.bench.deployment import measure, say
 from caresync.bench.expected import PureRouter, combine, fanout_by_kind, run_pure
+from caresync.bench.peer import run_restate
 from caresync.bench.refdata import read_back, write_csv
 from caresync.bench.workload import SEED, Workload, build_workload
 from caresync.cli.refdata import stock_commands
@@ -53,16 +56,27 @@ class Options:
     base_dir: str | None = None
     keep: bool = False
     command_line: str = "caresync bench fanout"
+    workload: str = "fanout"
+    levels: tuple[float, ...] = (0.5,)
+    """Latency phases, as fractions of the measured peak."""
+    peer: str = ""
+    peer_runs: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, command_line: str) -> Options:
         """From the parsed ``caresync bench`` (or ``python -m caresync.bench.cli``) arguments."""
         n, m = (2_000, 200) if args.quick else (args.n, args.m)
+        latency = args.workload == "latency"
+        default_lat = (min(4_000, n) if latency else min(2_000, n // 4)) if not args.quick else 500
         return cls(
             n=n,
             m=m,
-            items=getattr(args, "items", 1),
-            latency_n=getattr(args, "latency_n", 0) or min(2_000, n // 4),
+            items=getattr(args, "items", DEFAULT_ITEMS),
+            latency_n=getattr(args, "latency_n", 0) or default_lat,
+            workload="latency" if latency else "fanout",
+            levels=LATENCY_LEVELS if latency else (0.5,),
+            peer=getattr(args, "peer", "") or "",
+            peer_runs=getattr(args, "peer_runs", 1),
             seed=getattr(args, "seed", SEED),
             json=args.json,
             write_results=args.write_results,
@@ -73,6 +87,9 @@ class Options:
 
 
 _say = say
+DEFAULT_ITEMS = 3
+"""Items per bench preference card: 3, as the Restate peer's supply fan-out."""
+LATENCY_LEVELS = (0.25, 0.5, 0.75)
 
 
 async def run_bench(args: argparse.Namespace, ctx: Any) -> int:
@@ -99,7 +116,8 @@ async def run(opts: Options) -> int:
 
 
 async def run_fanout(opts: Options) -> dict[str, Any]:
-    """Build the workloads, start the deployment, measure caresync then the raw loop."""
+    """Build the workloads, start the deployment, measure caresync then the raw loop (then the
+    peer, if asked, once the deployment is gone)."""
     env = fo.router_environment(os.environ)
     cfg = load_config(None, environ=env)
     subjects = subjects_for(cfg)
@@ -109,22 +127,26 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
     lat_n = max(1, opts.latency_n)
     # The throughput workload's commands per key, so that its mix of kinds (and fan-out)
     # is the same and 50 % of the measured rate is 50 % of the load.
-    latency = build_workload(
-        lat_n,
-        max(1, lat_n * opts.m // opts.n),
-        items_per_procedure=opts.items,
-        dup_rate=0.0,
-        seed=opts.seed + 1,
-        prefix="lat-",
-        subjects=subjects,
-    )
+    latencies = [
+        build_workload(
+            lat_n,
+            max(1, lat_n * opts.m // opts.n),
+            items_per_procedure=opts.items,
+            dup_rate=0.0,
+            seed=opts.seed + 1 + i,
+            prefix=f"lat{round(level * 100)}-",
+            subjects=subjects,
+        )
+        for i, level in enumerate(opts.levels)
+    ]
     info = report.machine()
 
     async def caresync_phase(
         nc: NatsClient, js: JetStreamContext, server: EmbeddedNats, tmp: Path
     ) -> dict[str, Any]:
-        cs = await _caresync(nc, js, server, tmp, env, cfg, opts, workload, latency)
-        return {**cs, "moves": cs["model"].internal_sent}
+        cs = await _caresync(nc, js, server, tmp, env, cfg, opts, workload, latencies)
+        model = cs["model"]
+        return {**cs, "moves": model.internal_sent, "outputs": model.downstream_sent}
 
     cs, raw = await measure(
         cfg=cfg,
@@ -135,7 +157,15 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
         base_dir=opts.base_dir,
         keep=opts.keep,
     )
-    return report.build_result(opts.seed, opts.command_line, cfg, info, workload, cs, raw)
+    result = report.build_result(opts.seed, opts.command_line, cfg, info, workload, cs, raw)
+    result["conditions"]["workload"] = opts.workload
+    if opts.peer:
+        log = Path(tempfile.gettempdir()) / f"caresync-bench-peer-{os.getpid()}.log"
+        peer = await anyio.to_thread.run_sync(
+            lambda: run_restate(opts.n, opts.m, opts.peer_runs, log)
+        )
+        report.add_peer(result, peer)
+    return result
 
 
 async def _caresync(
@@ -147,7 +177,7 @@ async def _caresync(
     cfg: Config,
     opts: Options,
     workload: Workload,
-    latency: Workload,
+    latencies: list[Workload],
 ) -> dict[str, Any]:
     subjects = subjects_for(cfg)
     router_dir = tmp / "router"
@@ -180,8 +210,7 @@ async def _caresync(
             ],
         )
         tp_model = run_pure(pure, [(c.subject, c.data) for c in workload.commands])
-        lat_model = run_pure(pure, [(c.subject, c.data) for c in latency.commands])
-        model = combine([stock, tp_model, lat_model])
+        lat_models = [run_pure(pure, [(c.subject, c.data) for c in w.commands]) for w in latencies]
         deadline_s = 60.0 + (workload.n + tp_model.internal_sent) / 100
         _say(
             f"caresync: {workload.n} commands ({workload.unique} unique), "
@@ -203,17 +232,28 @@ async def _caresync(
             deadline_s=deadline_s,
         )
         tp["cpu"] = meter.cores()
-        rate = 0.5 * workload.n / tp["elapsed_s"]
-        published = await fo.latency_phase(js, latency, rate)
-        reached = await fo.wait_applied(
-            nc,
-            subjects,
-            process,
-            accepted=model.accepted,
-            duplicates=model.duplicates,
-            deadline_s=deadline_s,
-            what="latency phase",
-        )
+        marks = [stage_totals(await fo.health(nc, subjects))]
+        peak = workload.n / tp["elapsed_s"]
+        models = [stock, tp_model]
+        phases = []
+        for level, lat_workload, lat_model in zip(opts.levels, latencies, lat_models, strict=True):
+            rate = level * peak
+            _say(f"caresync: latency phase at {level:.0%} of peak ({rate:.0f} commands/s)")
+            published = await fo.latency_phase(js, lat_workload, rate)
+            models.append(lat_model)
+            so_far = combine(models)
+            reached = await fo.wait_applied(
+                nc,
+                subjects,
+                process,
+                accepted=so_far.accepted,
+                duplicates=so_far.duplicates,
+                deadline_s=deadline_s,
+                what=f"latency phase at {level:.0%}",
+            )
+            phases.append((level, rate, lat_workload, lat_model, published))
+            marks.append(stage_totals(await fo.health(nc, subjects)))
+        model = combine(models)
         publisher = (await fo.health(nc, subjects)).get("publisher", {})
     finally:
         with anyio.CancelScope(shield=True):
@@ -224,9 +264,16 @@ async def _caresync(
     for p in range(subjects.partitions):
         internal += await fo.read_stream(js, subjects.input_stream(p), _internal(subjects, p))
     downstream = await fo.read_stream(js, subjects.output_stream, f"{subjects.prefix}.out.>")
-    lat = fo.latencies_ms(
-        applied, [model.outcomes[c.command_id] for c in latency.commands], published
-    )
+    levels = [
+        {
+            "level": level,
+            "rate": rate,
+            "latency_ms": fo.latencies_ms(
+                applied, [lat_model.outcomes[c.command_id] for c in w.commands], published
+            ),
+        }
+        for level, rate, w, lat_model, published in phases
+    ]
     checks = {
         **fo.check_applied(applied, model.applied),
         **_prefixed("internal", fo.compare_sent(model.internal, model.internal_sent, internal)),
@@ -236,7 +283,7 @@ async def _caresync(
         "outbox_sent": outbox.get("sent", 0),
         "outbox_expected": model.internal_sent + model.downstream_sent,
         "outbox_not_sent": sum(v for k, v in outbox.items() if k != "sent"),
-        "duplicates_sent": workload.duplicates + latency.duplicates,
+        "duplicates_sent": workload.duplicates + sum(w.duplicates for w in latencies),
         "duplicates_skipped": reached.get("duplicates", 0),
         "accepted": reached.get("accepted", 0),
         "accepted_expected": model.accepted,
@@ -251,15 +298,42 @@ async def _caresync(
         "router_exit": status,
     }
     kind_of = {c.command_id: c.name for c in workload.unique_commands()}
+    stages = {"throughput": stage_means({}, marks[0])}
+    for i, level in enumerate(opts.levels):
+        stages[f"latency {level:.0%}"] = stage_means(marks[i], marks[i + 1])
     return {
         **tp,
-        "latency_ms": lat,
-        "latency_rate": rate,
+        "stages": stages,
+        "levels": levels,
         "checks": checks,
         "model": tp_model,
         "fanout_by_kind": fanout_by_kind(tp_model.outcomes, kind_of),
         "deadline_s": deadline_s,
     }
+
+
+StageTotals = dict[str, tuple[int, float, float]]
+
+
+def stage_totals(record: dict[str, Any]) -> StageTotals:
+    """Per pipeline stage, summed over partitions: (batches, total ms, slowest batch ms)."""
+    out: StageTotals = {}
+    for part in record.get("partitions", []):
+        for stage, t in part.get("stages", {}).items():
+            n, total, slowest = out.get(stage, (0, 0.0, 0.0))
+            out[stage] = (n + t["batches"], total + t["total_ms"], max(slowest, t["max_ms"]))
+    return out
+
+
+def stage_means(before: StageTotals, after: StageTotals) -> dict[str, float]:
+    """Mean milliseconds per batch in each stage between two health records, and batches."""
+    out: dict[str, float] = {}
+    for stage, (n, total, _) in after.items():
+        n0, total0, _ = before.get(stage, (0, 0.0, 0.0))
+        if n > n0:
+            out[f"{stage}_ms"] = round((total - total0) / (n - n0), 2)
+            out[f"{stage}_batches"] = n - n0
+    return out
 
 
 def _prefixed(prefix: str, counts: dict[str, int]) -> dict[str, int]:
@@ -273,7 +347,8 @@ def _internal(subjects: Subjects, partition: int) -> str:
 
 
 async def run_bench_args(args: argparse.Namespace, command_line: str) -> int:
-    """Dispatch on the workload (``fanout``, ``workflow``, ``ingest``, ``replay``, ``entities``)."""
+    """Dispatch on the workload (``fanout`` and ``latency`` here; ``workflow``, ``ingest``,
+    ``replay``, ``entities`` in their modules)."""
     if args.workload == "ingest":
         from caresync.bench import ingest_run
 
@@ -296,24 +371,8 @@ async def run_bench_args(args: argparse.Namespace, command_line: str) -> int:
 def main() -> None:
     """``python -m caresync.bench.cli [fanout] [options]`` (run it outside the repository)."""
     parser = argparse.ArgumentParser(prog="python -m caresync.bench.cli")
-    parser.add_argument(
-        "workload",
-        nargs="?",
-        default="fanout",
-        choices=["fanout", "workflow", "ingest", "replay", "entities"],
-    )
-    parser.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
-    parser.add_argument("--m", type=int, default=2_000, help="appointment keys (default 2000)")
-    parser.add_argument(
-        "--items", type=int, default=1, help="items on each procedure's preference card"
-    )
-    parser.add_argument("--latency-n", type=int, default=0, help="latency commands")
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--quick", action="store_true", help="N=2000, M=200")
-    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    parser.add_argument("--write-results", action="store_true", help="append to RESULTS.md")
+    add_arguments(parser)
     parser.add_argument("--data-dir", help="where the temporary deployment is made")
-    parser.add_argument("--keep", action="store_true", help="keep the deployment's files")
     args = parser.parse_args()
     command_line = shlex.join(["python", "-m", "caresync.bench.cli", *sys.argv[1:]])
     sys.exit(anyio.run(run_bench_args, args, command_line, backend="asyncio"))

@@ -71,6 +71,7 @@ async def measure(
                     js,
                     workload,
                     moves=moves,
+                    outputs=int(cs.get("outputs", 0)),
                     workdir=tmp,
                     server_pid=server.pid,
                     batch=cfg.router.batch_size,

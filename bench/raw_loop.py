@@ -11,7 +11,10 @@ billing, supply, ERP and the items of its card; a reschedule only ERP), so the r
 given the total, ``--moves`` internal messages over ``--inputs`` inputs, and spreads it evenly
 by stream sequence: input ``s`` (1-based) fans out to ``floor(s * moves / inputs) - floor((s-1)
 * moves / inputs)`` messages.  The total is exactly the internal commands caresync sends for
-the same workload, one hop instead of several.
+the same workload, one hop instead of several.  caresync also publishes its downstream effects
+to the output stream (with PubAcks; no connector consumes them in the bench): ``--outputs``
+messages, spread the same way over the RAW_FX messages, are published to RAW_OUT by the task
+that consumes RAW_FX before it acks them.
 
 The driver side (:func:`run_raw`) creates the streams, starts the process, publishes the same N
 input messages and polls the RAW_FX consumer's ack floor until ``moves`` are consumed.
@@ -41,15 +44,15 @@ from caresync.bench.workload import Workload
 from caresync.router.jetstream import JetStreamConsumer, connect
 from caresync.router.logs import configure_logging
 
-RAW_IN, RAW_FX = "RAW_IN", "RAW_FX"
-IN_PREFIX, FX_PREFIX = "raw.in.", "raw.fx."
+RAW_IN, RAW_FX, RAW_OUT = "RAW_IN", "RAW_FX", "RAW_OUT"
+IN_PREFIX, FX_PREFIX, OUT_PREFIX = "raw.in.", "raw.fx.", "raw.out."
 IN_CONSUMER, FX_CONSUMER = "raw-in", "raw-fx"
 
 
 # -- driver side --------------------------------------------------------------------------------
 async def create_streams(js: JetStreamContext) -> None:
-    """RAW_IN and RAW_FX, file storage, like the router's streams."""
-    for name, prefix in ((RAW_IN, IN_PREFIX), (RAW_FX, FX_PREFIX)):
+    """RAW_IN, RAW_FX and RAW_OUT, file storage, like the router's streams."""
+    for name, prefix in ((RAW_IN, IN_PREFIX), (RAW_FX, FX_PREFIX), (RAW_OUT, OUT_PREFIX)):
         await js.add_stream(
             config=api.StreamConfig(
                 name=name,
@@ -83,6 +86,7 @@ async def run_raw(
     workload: Workload,
     *,
     moves: int,
+    outputs: int = 0,
     workdir: Path,
     server_pid: int,
     batch: int,
@@ -90,7 +94,8 @@ async def run_raw(
     expires_s: float,
     deadline_s: float,
 ) -> dict[str, Any]:
-    """Run the raw loop process over the workload's messages (``moves`` effects in all)."""
+    """Run the raw loop process over the workload's messages (``moves`` effects in all, and
+    ``outputs`` messages published to the output stream on the way)."""
     await create_streams(js)
     messages = raw_messages(workload)
     target = moves
@@ -103,6 +108,7 @@ async def run_raw(
                 "caresync.bench.raw_loop",
                 *("--nats", url),
                 *("--moves", str(moves), "--inputs", str(len(messages))),
+                *("--outputs", str(outputs)),
                 *("--batch", str(batch)),
                 *("--batches-in-flight", str(batches_in_flight), "--expires", str(expires_s)),
             ],
@@ -204,8 +210,8 @@ async def _consumer(
 async def _serve(args: argparse.Namespace) -> dict[str, int]:
     nc = await connect(args.nats, name="caresync-raw-loop", connect_timeout_s=5.0)
     js = nc.jetstream(publish_async_max_pending=100_000)
-    stats = {"consumed_in": 0, "published_fx": 0, "consumed_fx": 0}
-    moves, n_inputs = args.moves, args.inputs
+    stats = {"consumed_in": 0, "published_fx": 0, "consumed_fx": 0, "published_out": 0}
+    moves, n_inputs, outputs = args.moves, args.inputs, args.outputs
     inputs = await _consumer(nc, RAW_IN, IN_CONSUMER, args)
     effects = await _consumer(nc, RAW_FX, FX_CONSUMER, args)
 
@@ -231,9 +237,21 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
     async def drain() -> None:
         while True:
             batch = await effects.next_batch(args.batch, args.expires)
-            if batch:
-                await effects.ack_through(batch[-1])
-                stats["consumed_fx"] += len(batch)
+            if not batch:
+                continue
+            futures = []
+            for m in batch:
+                base = OUT_PREFIX + m.subject[len(FX_PREFIX) :]
+                for k in range(moves_of(m.seq, outputs, moves)):
+                    futures.append(
+                        await js.publish_async(
+                            f"{base}.{k}", m.data, headers={"Nats-Msg-Id": f"o{m.seq}:{k}"}
+                        )
+                    )
+            await asyncio.gather(*futures)
+            await effects.ack_through(batch[-1])
+            stats["consumed_fx"] += len(batch)
+            stats["published_out"] += len(futures)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -260,6 +278,7 @@ def main() -> None:
     parser.add_argument("--nats", required=True)
     parser.add_argument("--moves", type=int, required=True, help="effect messages in all")
     parser.add_argument("--inputs", type=int, required=True, help="input messages in all")
+    parser.add_argument("--outputs", type=int, default=0, help="output messages in all")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--batches-in-flight", type=int, default=2)
     parser.add_argument("--expires", type=float, default=1.0)

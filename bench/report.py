@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 
 from caresync.bench.fanout import BenchError, percentile
+from caresync.bench.peer import DURABILITY as PEER_DURABILITY
+from caresync.bench.peer import PeerResult
 from caresync.bench.workload import Workload
 from caresync.config import Config
 
@@ -26,8 +28,8 @@ DURABILITY = (
 LATENCY_DEFINITION = (
     "publish -> all internal fan-out commands of that command applied, every hop (the "
     "applied_at of the last of them, or of the command itself if it fans out to nothing, "
-    "stamped when the router starts applying that batch), paced at 50% of the measured "
-    "caresync throughput"
+    "stamped when the router starts applying that batch), paced at a fraction of the "
+    "measured caresync throughput (50% unless stated)"
 )
 DOWNSTREAM = "connectors off (no simulator): downstream effects end in the output stream, not timed"
 IN_FLIGHT = 5000
@@ -146,6 +148,12 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("durability", c["durability"]),
         ("processes", c["processes"]),
         *measured_rows(m, f, rate_label="caresync commands/s", latency=LATENCY_DEFINITION),
+        *_level_rows(f.get("latency_levels", [])),
+        *(
+            (f"  batch stages, {phase}", _fmt(means))
+            for phase, means in c.get("stages", {}).items()
+        ),
+        *_peer_rows(f, c),
         ("exactly_once", _fmt(f["exactly_once"])),
         ("  checks", _fmt(result["checks"])),
     ]
@@ -172,12 +180,38 @@ def measured_rows(
     ]
 
 
+def _level_rows(levels: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    if len(levels) < 2:
+        return []
+    return [
+        (
+            f"latency at {lv['level']:.0%} of peak",
+            f"{lv['rate_per_s']:,.0f}/s: p50 {lv['p50_ms']:.1f} / p99 {lv['p99_ms']:.1f} / "
+            f"p999 {lv['p999_ms']:.1f} / max {lv['max_ms']:.1f} ms ({lv['n']:,} commands)",
+        )
+        for lv in levels
+    ]
+
+
+def _peer_rows(f: Mapping[str, Any], c: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if "restate_events_per_s" not in f:
+        return []
+    peer = c["peer"]
+    return [
+        ("Restate events/s (same N, M)", _fmt(f["restate_events_per_s"])),
+        ("  Restate p99 ms (its req-resp)", _fmt(f["restate_p99_ms"])),
+        ("  Restate durability / runs", f"{peer['durability']} / {peer['runs']}"),
+        ("ratio caresync / Restate", f"{f['ratio_restate']:.1f}"),
+    ]
+
+
 def fanout_text(c: Mapping[str, Any]) -> str:
     """The average fan-out the run had, as moved by caresync and by the raw loop."""
     return (
         f"{c['fanout']:.3f} internal commands per published command "
-        f"({_fmt(c['internal_commands'])} for {_fmt(c['n'])}; raw loop the same), "
-        f"{c['downstream_per_command']:.3f} downstream effects"
+        f"({_fmt(c['internal_commands'])} for {_fmt(c['n'])}), "
+        f"{c['downstream_per_command']:.3f} downstream effects published to the output stream; "
+        "the raw loop makes the same moves"
     )
 
 
@@ -272,7 +306,8 @@ def build_result(
     raw: dict[str, Any],
 ) -> dict[str, Any]:
     """The run's figures, conditions, machine and checks, as printed and recorded."""
-    lat: list[float] = cs["latency_ms"]
+    levels = [latency_figures(lv["level"], lv["rate"], lv["latency_ms"]) for lv in cs["levels"]]
+    lat = next((lv for lv in levels if lv["level"] == 0.5), levels[0])
     checks: dict[str, int] = cs["checks"]
     caresync_rate = workload.n / cs["elapsed_s"]
     raw_rate = workload.n / raw["elapsed_s"]
@@ -287,11 +322,12 @@ def build_result(
         "raw_publish_s": round(raw["publish_s"], 3),
         "raw_cpu_cores": raw["cpu"],
         "ratio": round(caresync_rate / raw_rate, 4),
-        "latency_n": len(lat),
-        "latency_rate_per_s": round(cs["latency_rate"], 1),
-        "latency_p50_ms": round(percentile(lat, 50), 2),
-        "latency_p99_ms": round(percentile(lat, 99), 2),
-        "latency_max_ms": round(lat[-1], 2),
+        "latency_n": lat["n"],
+        "latency_rate_per_s": lat["rate_per_s"],
+        "latency_p50_ms": lat["p50_ms"],
+        "latency_p99_ms": lat["p99_ms"],
+        "latency_max_ms": lat["max_ms"],
+        "latency_levels": levels,
         "exactly_once": exactly_once(checks),
     }
     model = cs["model"]
@@ -322,9 +358,40 @@ def build_result(
         "processes": "1 router + 1 driver (raw: 1 raw loop + 1 driver), 1 nats-server",
         "refdata": "20 facilities, 10 procedures, 1 payer rule covering all; loaded before timing",
         "latency": LATENCY_DEFINITION,
-        "raw_counts": {k: raw[k] for k in ("consumed_in", "published_fx", "consumed_fx")},
+        "stages": cs.get("stages", {}),
+        "raw_counts": {
+            k: raw[k] for k in ("consumed_in", "published_fx", "consumed_fx", "published_out")
+        },
     }
     return result_doc(command_line, figures, conditions, info, checks)
+
+
+def latency_figures(level: float, rate: float, sorted_ms: list[float]) -> dict[str, Any]:
+    """One latency phase: its load (fraction of peak, commands/s) and percentiles."""
+    return {
+        "level": level,
+        "rate_per_s": round(rate, 1),
+        "n": len(sorted_ms),
+        "p50_ms": round(percentile(sorted_ms, 50), 2),
+        "p99_ms": round(percentile(sorted_ms, 99), 2),
+        "p999_ms": round(percentile(sorted_ms, 99.9), 2),
+        "max_ms": round(sorted_ms[-1], 2),
+    }
+
+
+def add_peer(result: dict[str, Any], peer: PeerResult) -> None:
+    """The Restate peer's figures and the ratio caresync / Restate, into a fan-out result."""
+    f = result["figures"]
+    f["restate_events_per_s"] = peer.events_per_s
+    f["restate_p99_ms"] = peer.p99_ms
+    f["ratio_restate"] = round(f["caresync_commands_per_s"] / peer.events_per_s, 2)
+    result["conditions"]["peer"] = {
+        "name": "restate",
+        "runs": peer.runs,
+        "seconds": peer.seconds,
+        "log": peer.log_path,
+        "durability": PEER_DURABILITY,
+    }
 
 
 def result_doc(

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from caresync.bench.args import add_arguments as add_bench_arguments
 from caresync.cli.common import CommandError, Context, load_context
 from caresync.config import ConfigError, dump_toml
 
@@ -185,33 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmark on a fresh embedded deployment"
     )
-    bench.add_argument(
-        "workload",
-        nargs="?",
-        default="fanout",
-        choices=["fanout", "workflow", "ingest", "replay", "entities"],
-    )
-    bench.add_argument("--n", type=int, default=20_000, help="commands (default 20000)")
-    bench.add_argument("--m", type=int, default=2_000, help="entities (default 2000)")
-    bench.add_argument(
-        "--items",
-        type=int,
-        default=1,
-        help="items on each bench preference card (default 1)",
-    )
-    bench.add_argument(
-        "--latency-n",
-        type=int,
-        default=0,
-        help="commands in the latency phase (default min(2000, N/4))",
-    )
-    bench.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
-    bench.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
-    bench.add_argument("--quick", action="store_true", help="small N for smoke tests")
-    bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    bench.add_argument(
-        "--write-results", action="store_true", help="append the figures to bench/RESULTS.md"
-    )
+    add_bench_arguments(bench)
     bench.set_defaults(run=lambda a, c: _bench(a, c))
 
     _add_sim_parser(sub, client)

@@ -1,4 +1,4 @@
-"""``caresync bench fanout --quick --json`` runs end to end and reports exactly-once.
+"""``caresync bench WORKLOAD --quick --json`` runs end to end and reports exactly-once.
 
 No timing assertions: the figures only have to be there and positive.
 """
@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from caresync.bench.expected import PureRouter, fanout_by_kind, run_pure
+from caresync.bench.fanout import BenchError
+from caresync.bench.peer import find_script, parse_summary
 from caresync.bench.refdata import read_back, write_csv
 from caresync.bench.workload import build_workload
 from caresync.codecs import Subjects
@@ -112,6 +114,49 @@ def test_bench_fanout_quick_json(tmp_path: Path) -> None:
     assert doc["checks"]["missing"] == 0
     assert doc["checks"]["internal_in_stream"] == doc["checks"]["internal_expected"] > 0
     assert doc["checks"]["stock_commands"] > 0
+
+
+def test_bench_latency_quick_json(tmp_path: Path) -> None:
+    """Three paced phases at 25/50/75 % of the measured peak, each with p50/p99/p999."""
+    doc = bench_json(tmp_path, "latency")
+    assert doc["conditions"]["workload"] == "latency"
+    levels = doc["latency_levels"]
+    assert [lv["level"] for lv in levels] == [0.25, 0.5, 0.75]
+    rates = [lv["rate_per_s"] for lv in levels]
+    assert rates == sorted(rates)
+    assert rates[0] > 0
+    for lv in levels:
+        assert lv["n"] == 500
+        assert 0 < lv["p50_ms"] <= lv["p99_ms"] <= lv["p999_ms"] <= lv["max_ms"]
+    assert doc["latency_p99_ms"] == levels[1]["p99_ms"]
+    assert doc["exactly_once"] is True, doc["checks"]
+
+
+def test_restate_summary_line_is_read() -> None:
+    out = (
+        "runs: 3\nend-to-end events/s:  median 185.2\n"
+        "restate: 20000 events, 2000 keys, 185.2 events/s end-to-end, p99 188.0 ms\n"
+    )
+    assert parse_summary(out) == (20_000, 2_000, 185.2, 188.0)
+    with pytest.raises(BenchError, match="no summary line"):
+        parse_summary("restate-peer: npm failed\n")
+
+
+def test_restate_harness_is_found_beside_the_repository_or_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "run_restate_peer.sh"
+    script.write_text("#!/bin/sh\n")
+    assert find_script(str(script)) == script
+    monkeypatch.setenv("CARESYNC_RESTATE_PEER", str(script))
+    assert find_script() == script
+    monkeypatch.setenv("CARESYNC_RESTATE_PEER", str(tmp_path / "absent.sh"))
+    beside = Path(__file__).resolve().parents[2] / "shared/peers/restate/run_restate_peer.sh"
+    if beside.is_file():
+        assert find_script() == beside
+    else:
+        with pytest.raises(BenchError, match="CARESYNC_RESTATE_PEER"):
+            find_script()
 
 
 def test_bench_workflow_quick_json(tmp_path: Path) -> None:
