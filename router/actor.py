@@ -114,6 +114,7 @@ class EntityActor:
         "_closed",
         "_mailbox",
         "_wakeup",
+        "batch_no",
         "entity",
         "kind",
         "last_used",
@@ -137,6 +138,8 @@ class EntityActor:
         self.parked = parked
         self.supervision = supervision
         self.last_used = time.monotonic()
+        self.batch_no = 0
+        """The last batch that used it (set by the worker; passivation waits for its commit)."""
         self.load_error = ""
         """Set when the stored state could not be read: every message parks with this reason."""
         self._mailbox: deque[Delivery] = deque()

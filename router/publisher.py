@@ -45,6 +45,10 @@ class Publisher:
     _failed: list[tuple[str, str]] = field(default_factory=list)
     _ranges: list[tuple[int, int, float]] = field(default_factory=list)
 
+    def has_marks(self) -> bool:
+        """Whether confirmations wait to be committed."""
+        return bool(self._sent or self._ranges or self._failed)
+
     def take_marks(self) -> BatchWrite:
         """The confirmations gathered since the last call, as a write to commit."""
         write = BatchWrite(sent=self._sent, sent_ranges=self._ranges, failed=self._failed)

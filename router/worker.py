@@ -136,6 +136,17 @@ class StageTimes:
 
 
 @dataclass(frozen=True, slots=True)
+class _ToCommit:
+    write: BatchWrite
+    stats: WorkerStats
+    """The batch's counts, added to the worker's once it is committed."""
+    last: Inbound | None
+    """The last message of the batch; None for a release."""
+    batch_no: int
+    committed: anyio.Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class _ToPublish:
     rows: list[OutboxRow]
     seq_range: tuple[int, int] | None
@@ -193,6 +204,14 @@ class PartitionWorker:
         self.stats = WorkerStats()
         self.stages = StageTimes()
         self._pending = WorkerStats()
+        self._batch_no = 0
+        """Batches applied (numbered from 1)."""
+        self._committed_no = 0
+        """Every batch up to this number is committed."""
+        self._commit_progress = anyio.Event()
+        self._uncommitted_applied: dict[int, list[tuple[str, str, str]]] = {}
+        """Dedupe keys of applied batches not yet committed (the store does not have them)."""
+        self._uncommitted_keys: set[tuple[str, str, str]] = set()
 
     @property
     def live_actors(self) -> int:
@@ -220,10 +239,12 @@ class PartitionWorker:
                 max(0, self._settings.batches_in_flight - 1)
             )
             self._inject = send.clone()
+            commit_send, commit_receive = anyio.create_memory_object_stream[_ToCommit](1)
             pub_send, pub_receive = anyio.create_memory_object_stream[_ToPublish](1)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._pull_loop, consumer, send)
-                tg.start_soon(self._apply_loop, receive, pub_send)
+                tg.start_soon(self._apply_loop, receive, commit_send)
+                tg.start_soon(self._commit_loop, commit_receive, pub_send)
                 tg.start_soon(self._publish_loop, consumer, pub_receive)
             # Marks of the last publishes: commit them so a restart does not resend.
             with anyio.CancelScope(shield=True):
@@ -269,30 +290,60 @@ class PartitionWorker:
     async def _apply_loop(
         self,
         receive: ObjectReceiveStream[list[Inbound] | Release],
-        pub_send: ObjectSendStream[_ToPublish],
+        commit_send: ObjectSendStream[_ToCommit],
     ) -> None:
-        async with receive, pub_send, anyio.create_task_group() as actors_tg:
+        """Apply batch after batch; each is committed by the commit stage while the next one
+        is applied (its dedupe records are kept in memory until then, see :meth:`apply_batch`,
+        and no actor is passivated before its state is committed)."""
+        async with receive, commit_send, anyio.create_task_group() as actors_tg:
             self._actors_tg = actors_tg
             async for batch in receive:
                 if isinstance(batch, Release):
-                    await self._run_release(batch, pub_send)
+                    await self._drain_commits()
+                    await self._run_release(batch, commit_send)
                     continue
                 t0 = time.perf_counter()
                 write = await self.apply_batch(batch)
-                t1 = time.perf_counter()
+                if batch:
+                    self.stages.add("apply", time.perf_counter() - t0)
+                    item = _ToCommit(write, self._pending, batch[-1], self._batch_no)
+                    keys = [(a.kind, a.entity, a.command_id) for a in write.applied]
+                    self._uncommitted_applied[self._batch_no] = keys
+                    self._uncommitted_keys.update(keys)
+                    await commit_send.send(item)
+                elif self._publisher.has_marks():
+                    # Idle: confirmations of what was published still need committing.
+                    await commit_send.send(
+                        _ToCommit(BatchWrite(), WorkerStats(), None, self._batch_no)
+                    )
+                self._passivate()
+            await self._drain_commits()
+            self._close_actors()
+
+    async def _commit_loop(
+        self, receive: ObjectReceiveStream[_ToCommit], pub_send: ObjectSendStream[_ToPublish]
+    ) -> None:
+        async with receive, pub_send:
+            async for item in receive:
+                t0 = time.perf_counter()
+                write = item.write
                 marks = self._publisher.take_marks()
                 write.sent, write.sent_ranges, write.failed = (
                     marks.sent,
                     marks.sent_ranges,
                     marks.failed,
                 )
-                seq_range = await self._commit(write)
-                if batch:
-                    self.stages.add("apply", t1 - t0)
-                    self.stages.add("commit", time.perf_counter() - t1)
-                    await pub_send.send(_ToPublish(write.outbox, seq_range, batch[-1]))
-                self._passivate()
-            self._close_actors()
+                seq_range = await self._commit(write, item.stats, item.batch_no)
+                if item.last is not None:
+                    self.stages.add("commit", time.perf_counter() - t0)
+                if item.committed is not None:
+                    item.committed.set()
+                await pub_send.send(_ToPublish(write.outbox, seq_range, item.last))
+
+    async def _drain_commits(self) -> None:
+        """Wait until every batch applied so far is committed."""
+        while self._committed_no < self._batch_no:
+            await self._commit_progress.wait()
 
     async def _publish_loop(
         self, consumer: InputConsumer, receive: ObjectReceiveStream[_ToPublish]
@@ -319,18 +370,17 @@ class PartitionWorker:
         await request.done.wait()
         return request.result
 
-    async def _run_release(self, request: Release, pub_send: ObjectSendStream[_ToPublish]) -> None:
+    async def _run_release(
+        self, request: Release, commit_send: ObjectSendStream[_ToCommit]
+    ) -> None:
         try:
             write, result = await self._release_write(request.kind, request.entity)
             if write:
-                marks = self._publisher.take_marks()
-                write.sent, write.sent_ranges, write.failed = (
-                    marks.sent,
-                    marks.sent_ranges,
-                    marks.failed,
+                committed = anyio.Event()
+                await commit_send.send(
+                    _ToCommit(write, self._pending, None, self._batch_no, committed)
                 )
-                seq_range = await self._commit(write)
-                await pub_send.send(_ToPublish(write.outbox, seq_range, None))
+                await committed.wait()
             request.result = result
         finally:
             request.done.set()
@@ -438,6 +488,7 @@ class PartitionWorker:
         # Counted as committed: the deltas are added to self.stats once the batch commits, so
         # health never reports more than is durable.
         stats = self._pending = WorkerStats()
+        self._batch_no += 1
         stats.batches = 1
         stats.received = len(batch)
         stats.last_seq = batch[-1].seq
@@ -475,7 +526,11 @@ class PartitionWorker:
         seen: set[tuple[str, str, str]] = set()
         for p in prepared:
             dedupe_key = (p.kind.name, p.command.entity, p.command.id)
-            if dedupe_key in done_before or dedupe_key in seen:
+            if (
+                dedupe_key in done_before
+                or dedupe_key in seen
+                or dedupe_key in self._uncommitted_keys
+            ):
                 stats.duplicates += 1
                 continue
             seen.add(dedupe_key)
@@ -556,6 +611,7 @@ class PartitionWorker:
         actor = self._actors.get(key)
         if actor is not None:
             self._actors.move_to_end(key)
+            actor.batch_no = self._batch_no
             return actor
         stored = loaded.get(key)
         if stored is None:
@@ -570,17 +626,21 @@ class PartitionWorker:
                 # Keep the stored bytes as they are, for an operator to inspect or repair.
                 actor = EntityActor(kind, entity, stored.state, False, self._settings.supervision)
                 actor.load_error = f"stored state does not decode: {exc}"
+        actor.batch_no = self._batch_no
         self._actors[key] = actor
         assert self._actors_tg is not None, "actors are only created inside the pipeline"
         self._actors_tg.start_soon(actor.run, name=f"actor {kind.name}:{entity}")
         return actor
 
     def _passivate(self) -> None:
-        """Drop idle actors (their state is committed), and the least recently used over the cap."""
+        """Drop idle actors, and the least recently used over the cap; never one whose state is
+        not committed yet (actors are in order of use, so those are all at the end)."""
         cap = self._settings.max_live_actors
         idle_before = time.monotonic() - self._settings.idle_passivate_s
         while self._actors:
             key, actor = next(iter(self._actors.items()))
+            if actor.batch_no > self._committed_no:
+                break
             if len(self._actors) <= cap and actor.last_used > idle_before:
                 break
             del self._actors[key]
@@ -592,14 +652,29 @@ class PartitionWorker:
             actor.close()
         self._actors.clear()
 
-    async def _commit(self, write: BatchWrite) -> tuple[int, int] | None:
-        """Commit, retrying transient store failures with back-off; nothing is acked meanwhile."""
+    async def _commit(
+        self, write: BatchWrite, stats: WorkerStats | None = None, batch_no: int | None = None
+    ) -> tuple[int, int] | None:
+        """Commit, retrying transient store failures with back-off; nothing is acked meanwhile.
+
+        ``stats`` are the batch's counts (default: those of the last batch applied) and
+        ``batch_no`` its number (default: every batch applied so far, for callers that apply
+        and commit in turn)."""
         delay_s = self._settings.commit_retry_initial_s
         while True:
             try:
                 seq_range = await self._store.commit(write)
-                self.stats.add(self._pending)
-                self._pending = WorkerStats()
+                if stats is None:
+                    stats = self._pending
+                if stats is self._pending:  # counted once: the next commit starts afresh
+                    self._pending = WorkerStats()
+                self.stats.add(stats)
+                done = self._batch_no if batch_no is None else batch_no
+                for no in [n for n in self._uncommitted_applied if n <= done]:
+                    self._uncommitted_keys.difference_update(self._uncommitted_applied.pop(no))
+                self._committed_no = max(self._committed_no, done)
+                self._commit_progress.set()
+                self._commit_progress = anyio.Event()
                 return seq_range
             except StoreUnavailable as exc:
                 self.stats.commit_retries += 1

@@ -94,6 +94,7 @@ class Store:
         # One connection serves every partition worker: transactions must not interleave.
         self._write_lock = anyio.Lock()
         self._checkpointer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
 
     @property
     def connection(self) -> aiosqlite.Connection:
@@ -158,10 +159,21 @@ class Store:
 
     async def close(self) -> None:
         """Close the database (idempotent)."""
-        if self._checkpointer is not None:
-            await self._checkpointer.close()
-            self._checkpointer = None
+        for extra in (self._checkpointer, self._reader):
+            if extra is not None:
+                await extra.close()
+        self._checkpointer = self._reader = None
         await self._conn.close()
+
+    async def _read_conn(self) -> aiosqlite.Connection:
+        """A second connection (and thread) for the hot-path reads, so that the next batch's
+        reads do not queue behind this batch's commit on the writer's thread.  It sees only
+        committed data (WAL); the worker accounts for the batch being committed."""
+        if self._reader is None:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            await conn.execute("PRAGMA busy_timeout=5000")
+            self._reader = conn
+        return self._reader
 
     async def checkpoint(self) -> tuple[int, int]:
         """Copy the write-ahead log into the database from a second connection, off the
@@ -206,9 +218,10 @@ class Store:
         """Snapshots of the given (kind, id) keys that exist."""
         found: dict[tuple[str, str], EntityRow] = {}
         try:
+            conn = await self._read_conn()
             for chunk in _chunks(keys):
                 params = [part for key in chunk for part in key]
-                async with self._conn.execute(entities_query(len(chunk)), params) as cur:
+                async with conn.execute(entities_query(len(chunk)), params) as cur:
                     for kind, id_, state, parked, seq in await cur.fetchall():
                         found[(kind, id_)] = EntityRow(kind, id_, state, bool(parked), seq)
         except sqlite3.Error as exc:
@@ -221,9 +234,10 @@ class Store:
         """The (kind, entity, command id) keys among ``keys`` that already reached an outcome."""
         seen: set[tuple[str, str, str]] = set()
         try:
+            conn = await self._read_conn()
             for chunk in _chunks(keys):
                 params = [part for key in chunk for part in key]
-                async with self._conn.execute(applied_query(len(chunk)), params) as cur:
+                async with conn.execute(applied_query(len(chunk)), params) as cur:
                     seen.update((k, e, c) for k, e, c in await cur.fetchall())
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "reading dedupe records") from exc
