@@ -95,6 +95,8 @@ class Store:
         self._write_lock = anyio.Lock()
         self._checkpointer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._reader_lock = anyio.Lock()
+        self._closed = False
 
     @property
     def connection(self) -> aiosqlite.Connection:
@@ -159,21 +161,36 @@ class Store:
 
     async def close(self) -> None:
         """Close the database (idempotent)."""
+        self._closed = True
         for extra in (self._checkpointer, self._reader):
             if extra is not None:
                 await extra.close()
         self._checkpointer = self._reader = None
         await self._conn.close()
 
+    async def _side_connection(self, busy_timeout_ms: int) -> aiosqlite.Connection:
+        """Another connection to the same file.  Opened shielded from cancellation: a
+        connection lost between its creation and its owner would keep its thread (and the
+        process) alive."""
+        with anyio.CancelScope(shield=True):
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            try:
+                await conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            except BaseException:
+                await conn.close()
+                raise
+        return conn
+
     async def _read_conn(self) -> aiosqlite.Connection:
         """A second connection (and thread) for the hot-path reads, so that the next batch's
         reads do not queue behind this batch's commit on the writer's thread.  It sees only
         committed data (WAL); the worker accounts for the batch being committed."""
-        if self._reader is None:
-            conn = await aiosqlite.connect(self.path, isolation_level=None)
-            await conn.execute("PRAGMA busy_timeout=5000")
-            self._reader = conn
-        return self._reader
+        async with self._reader_lock:  # partitions read concurrently: open it once
+            if self._reader is None:
+                if self._closed:
+                    return self._conn  # closed: the caller gets the writer's "closed" error
+                self._reader = await self._side_connection(5000)
+            return self._reader
 
     async def checkpoint(self) -> tuple[int, int]:
         """Copy the write-ahead log into the database from a second connection, off the
@@ -184,11 +201,11 @@ class Store:
         checkpoint never blocks the writer.  Once this is called, the automatic one is moved
         far out (:data:`BACKGROUND_AUTOCHECKPOINT_PAGES`), a safety net should the caller stop.
         """
+        if self._closed:
+            return 0, 0
         try:
             if self._checkpointer is None:
-                conn = await aiosqlite.connect(self.path, isolation_level=None)
-                await conn.execute("PRAGMA busy_timeout=1000")
-                self._checkpointer = conn
+                self._checkpointer = await self._side_connection(1000)
                 await self._conn.execute(
                     f"PRAGMA wal_autocheckpoint={BACKGROUND_AUTOCHECKPOINT_PAGES}"
                 )

@@ -1,10 +1,13 @@
-"""The write-ahead log is checkpointed from the side, never inside a batch commit."""
+"""The store's side connections: the write-ahead log checkpointed from the side, never inside a
+batch commit, and the hot-path reads on a connection of their own."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 from caresync.store import BatchWrite, EntityRow, Store
@@ -50,3 +53,33 @@ async def test_a_store_nobody_checkpoints_keeps_sqlite_default(tmp_path: Path) -
             row = await cur.fetchone()
         assert row is not None
         assert row[0] == 1000
+
+
+def _sqlite_threads() -> int:
+    return sum(
+        t.is_alive() and "_connection_worker_thread" in t.name for t in threading.enumerate()
+    )
+
+
+async def test_concurrent_readers_open_one_read_connection_and_close_leaves_no_thread(
+    tmp_path: Path,
+) -> None:
+    """Two partitions reading at once must not each open a reader: the one left over would
+    never be closed and its thread would keep the process from exiting."""
+    before = _sqlite_threads()
+    store = await Store.open(tmp_path / "store.db")
+    await store.commit(_batch(1))
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(store.load_entities, [("appointment", "A1-0")])
+            tg.start_soon(store.applied_among, [("appointment", "A1-0", "c")])
+    await store.checkpoint()
+    assert _sqlite_threads() == before + 3  # writer, reader, checkpointer
+    await store.close()
+    await store.close()  # idempotent
+    assert await store.checkpoint() == (0, 0)
+    for _ in range(500):  # the threads end just after their connection closes
+        if _sqlite_threads() == before:
+            break
+        await anyio.sleep(0.01)
+    assert _sqlite_threads() == before
