@@ -72,10 +72,11 @@ from caresync.router.logs import configure_logging
 PROFILE_ENV = "CS_BENCH_PROFILE"
 QUICK = (20_000, 2_000)
 MEASURED = (
-    "caresync replay rebuild (its own process, router stopped): rebuild() start to done = read "
-    "the Msg-Ids of every stream, reset the derived state, re-apply every input-stream message "
-    "(source commands and internal fan-out) through the actors, one SQLite transaction per "
-    "batch, nothing published"
+    "caresync replay rebuild (its own process, router stopped): rebuild() start to done = "
+    "reset the derived state, fold every input-stream message (source commands and internal "
+    "fan-out) through the pure actors in stream order (router/replay_fold.py), one SQLite "
+    "transaction per ~50,000 messages, the streams' Msg-Ids read only if an effect is not in "
+    "the outbox, nothing published"
 )
 HISTORY = (
     "N commands over M appointment keys (book, reschedules, complete 80% / cancel), no "

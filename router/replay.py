@@ -1,4 +1,9 @@
-"""``replay rebuild``: drop local state and rebuild it from the streams through the actors."""
+"""``replay rebuild``: drop local state and rebuild it from the streams through the actors.
+
+Each input stream is folded by :class:`~caresync.router.replay_fold.PartitionFold` (states in
+memory, one transaction per big chunk); ``fold=False`` runs the live pipeline's replay
+(:meth:`PartitionWorker.replay`) instead, which writes the same and serves as its reference.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
 from caresync.router.errors import RouterError
 from caresync.router.publisher import Publisher
+from caresync.router.replay_fold import PartitionFold, outbox_keys
 from caresync.router.transport import Transport
 from caresync.router.worker import PartitionWorker, WorkerSettings
 from caresync.store import Store
@@ -39,10 +45,8 @@ async def sent_effect_keys(
     JetStream is the ledger: an effect is sent once its stream holds it, so a rebuild asks the
     streams (headers only), and works even when the SQLite file is gone.
     """
-    streams = [subjects.input_stream(p) for p in range(subjects.partitions)]
-    streams += [subjects.output_stream, subjects.dead_letter_stream]
     keys: set[str] = set()
-    for stream in streams:
+    for stream in _streams(subjects):
         end = await transport.last_seq(stream)
         if end == 0:
             continue
@@ -69,6 +73,12 @@ async def sent_effect_keys(
     return keys
 
 
+def _streams(subjects: Subjects) -> list[str]:
+    """Every stream of the deployment: the input streams, the output and dead-letter ones."""
+    streams = [subjects.input_stream(p) for p in range(subjects.partitions)]
+    return [*streams, subjects.output_stream, subjects.dead_letter_stream]
+
+
 async def rebuild(
     *,
     transport: Transport,
@@ -78,31 +88,35 @@ async def rebuild(
     settings: WorkerSettings,
     progress: Callable[[int], None] | None = None,
     refdata: Callable[[int], Any] | None = None,
+    fold: bool = True,
 ) -> RebuildReport:
     """Reset derived state and re-apply every input stream from its first message.
 
     Effects already sent are recognised by their idempotency keys (the Msg-Ids in the
     streams) and not sent again; effects that were never sent are left in the outbox for the
-    router's next start.
+    router's next start.  ``fold=False``: through the live pipeline (slower, same result).
     """
     started = time.monotonic()
-    already_sent = await sent_effect_keys(transport, subjects)
+    found: list[set[str]] = []
+
+    async def already_sent() -> set[str]:
+        # The fold asks only for effects the outbox does not have: often never.
+        if not found:
+            found.append(await sent_effect_keys(transport, subjects))
+            log.info("sent_effects_found", keys=len(found[0]))
+        return found[0]
+
+    if fold:
+        for stream in _streams(subjects):  # all there (or raising) before the state is reset
+            await transport.last_seq(stream)
+    else:
+        await already_sent()
     await store.reset_state()
+    in_outbox = await outbox_keys(store) if fold else frozenset()
     total = 0
     publisher = Publisher(transport)  # a replay publishes nothing; workers need one to exist
     for p in range(subjects.partitions):
         stream = subjects.input_stream(p)
-        worker = PartitionWorker(
-            stream=stream,
-            consumer_name=subjects.consumer_name(p),
-            transport=transport,
-            store=store,
-            registry=registry,
-            subjects=subjects,
-            publisher=publisher,
-            settings=settings,
-            refdata=refdata,
-        )
         end = await transport.last_seq(stream)
         done_before = total
 
@@ -110,7 +124,32 @@ async def rebuild(
             if progress is not None:
                 progress(base + n)
 
-        total += await worker.replay(end, already_sent=already_sent, progress=report)
+        if fold:
+            folder = PartitionFold(
+                stream=stream,
+                transport=transport,
+                store=store,
+                registry=registry,
+                subjects=subjects,
+                settings=settings,
+                refdata=refdata,
+                already_sent=already_sent,
+                in_outbox=in_outbox,
+            )
+            total += await folder.run(end, progress=report)
+        else:
+            worker = PartitionWorker(
+                stream=stream,
+                consumer_name=subjects.consumer_name(p),
+                transport=transport,
+                store=store,
+                registry=registry,
+                subjects=subjects,
+                publisher=publisher,
+                settings=settings,
+                refdata=refdata,
+            )
+            total += await worker.replay(end, already_sent=found[0], progress=report)
         log.info("partition_rebuilt", stream=stream, through_seq=end)
     counts = await store.counts()
     return RebuildReport(
