@@ -215,43 +215,38 @@ async def _serve(args: argparse.Namespace) -> dict[str, int]:
     inputs = await _consumer(nc, RAW_IN, IN_CONSUMER, args)
     effects = await _consumer(nc, RAW_FX, FX_CONSUMER, args)
 
+    async def relay(
+        consumer: JetStreamConsumer, strip: str, prefix: str, total: int, over: int, tag: str
+    ) -> tuple[int, int]:
+        """Consume one batch; each message publishes its share of ``total`` (spread over
+        ``over`` messages) under ``prefix``, with PubAcks; then ack the batch."""
+        batch = await consumer.next_batch(args.batch, args.expires)
+        if not batch:
+            return 0, 0
+        futures = []
+        for m in batch:
+            base = prefix + m.subject[len(strip) :]
+            for k in range(moves_of(m.seq, total, over)):
+                futures.append(
+                    await js.publish_async(
+                        f"{base}.{k}", m.data, headers={"Nats-Msg-Id": f"{tag}{m.seq}:{k}"}
+                    )
+                )
+        await asyncio.gather(*futures)
+        await consumer.ack_through(batch[-1])
+        return len(batch), len(futures)
+
     async def move() -> None:
         while True:
-            batch = await inputs.next_batch(args.batch, args.expires)
-            if not batch:
-                continue
-            futures = []
-            for m in batch:
-                base = FX_PREFIX + m.subject[len(IN_PREFIX) :]
-                for k in range(moves_of(m.seq, moves, n_inputs)):
-                    futures.append(
-                        await js.publish_async(
-                            f"{base}.{k}", m.data, headers={"Nats-Msg-Id": f"{m.seq}:{k}"}
-                        )
-                    )
-            await asyncio.gather(*futures)
-            await inputs.ack_through(batch[-1])
-            stats["consumed_in"] += len(batch)
-            stats["published_fx"] += len(futures)
+            consumed, published = await relay(inputs, IN_PREFIX, FX_PREFIX, moves, n_inputs, "")
+            stats["consumed_in"] += consumed
+            stats["published_fx"] += published
 
     async def drain() -> None:
         while True:
-            batch = await effects.next_batch(args.batch, args.expires)
-            if not batch:
-                continue
-            futures = []
-            for m in batch:
-                base = OUT_PREFIX + m.subject[len(FX_PREFIX) :]
-                for k in range(moves_of(m.seq, outputs, moves)):
-                    futures.append(
-                        await js.publish_async(
-                            f"{base}.{k}", m.data, headers={"Nats-Msg-Id": f"o{m.seq}:{k}"}
-                        )
-                    )
-            await asyncio.gather(*futures)
-            await effects.ack_through(batch[-1])
-            stats["consumed_fx"] += len(batch)
-            stats["published_out"] += len(futures)
+            consumed, published = await relay(effects, FX_PREFIX, OUT_PREFIX, outputs, moves, "o")
+            stats["consumed_fx"] += consumed
+            stats["published_out"] += published
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

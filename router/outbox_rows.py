@@ -12,7 +12,7 @@ from typing import Any
 from caresync.actors.contract import ActorRef, Command, Effect
 from caresync.codecs import Envelope, Subjects, WireFormat, encode_envelope, encode_payload
 from caresync.router.transport import Inbound
-from caresync.store import OutboxRow
+from caresync.store import OutboxRow, ParkedRow
 
 MAX_HEADER_VALUE = 1024
 
@@ -87,4 +87,29 @@ def dead_letter_row(
         subject=subjects.dead_letter(code),
         payload=message.data,
         headers=headers,
+    )
+
+
+def parked_row(
+    kind: str,
+    message: Inbound,
+    command: Command[Any],
+    reason: str,
+    failures: int,
+    now: float,
+) -> ParkedRow:
+    """The row keeping a message of a parked entity (the one that failed, or one behind it)."""
+    return ParkedRow(
+        kind=kind,
+        id=command.entity,
+        stream=message.stream,
+        seq=message.seq,
+        command_id=command.id,
+        subject=message.subject,
+        data=message.data,
+        headers=message.headers,
+        reason=reason,
+        failures=failures,
+        parked_at=now,
+        timestamp_ns=message.timestamp_ns,
     )

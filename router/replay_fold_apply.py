@@ -20,9 +20,9 @@ from caresync.actors.contract import Accepted, Command, EntityKind, Rejected
 from caresync.codecs import Subjects
 from caresync.router.actor import Applied, Outcome, Parked, Refused, Supervision
 from caresync.router.decoding import Prepared
-from caresync.router.outbox_rows import dead_letter_row, effect_row
+from caresync.router.outbox_rows import dead_letter_row, effect_row, parked_row
 from caresync.router.worker import WorkerStats
-from caresync.store import AppliedRow, BatchWrite, OutboxRow, ParkedRow
+from caresync.store import AppliedRow, BatchWrite, OutboxRow
 
 log = structlog.get_logger("caresync.actor")
 
@@ -165,20 +165,7 @@ class FoldApply:
         msg, command = p.message, p.command
         self.stats.parked += 1
         write.parked.append(
-            ParkedRow(
-                kind=p.kind.name,
-                id=command.entity,
-                stream=msg.stream,
-                seq=msg.seq,
-                command_id=command.id,
-                subject=msg.subject,
-                data=msg.data,
-                headers=msg.headers,
-                reason=outcome.reason,
-                failures=outcome.failures,
-                parked_at=now,
-                timestamp_ns=msg.timestamp_ns,
-            )
+            parked_row(p.kind.name, msg, command, outcome.reason, outcome.failures, now)
         )
 
     def _log(self, p: Prepared) -> structlog.typing.FilteringBoundLogger:

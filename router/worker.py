@@ -34,7 +34,7 @@ from caresync.router.actor import (
     Supervision,
 )
 from caresync.router.decoding import CommandDecoder, Prepared
-from caresync.router.outbox_rows import dead_letter_row, effect_row
+from caresync.router.outbox_rows import dead_letter_row, effect_row, parked_row
 from caresync.router.publisher import Publisher
 from caresync.router.transport import Inbound, InputConsumer, Transport
 from caresync.store import (
@@ -580,20 +580,7 @@ class PartitionWorker:
         elif isinstance(outcome, Parked):
             self._pending.parked += 1
             write.parked.append(
-                ParkedRow(
-                    kind=kind,
-                    id=entity,
-                    stream=msg.stream,
-                    seq=msg.seq,
-                    command_id=command.id,
-                    subject=msg.subject,
-                    data=msg.data,
-                    headers=msg.headers,
-                    reason=outcome.reason,
-                    failures=outcome.failures,
-                    parked_at=now,
-                    timestamp_ns=msg.timestamp_ns,
-                )
+                parked_row(kind, msg, command, outcome.reason, outcome.failures, now)
             )
             if not outcome.behind:
                 touched[p.key] = (self._actors[p.key], msg.seq)
