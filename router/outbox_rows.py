@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from caresync.actors.contract import ActorRef, Command, Effect
-from caresync.codecs import Envelope, Subjects, WireFormat, encode_envelope, encode_payload
+from caresync.codecs import (
+    CodecError,
+    Envelope,
+    Subjects,
+    WireFormat,
+    encode_envelope,
+    encode_payload,
+)
 from caresync.router.transport import Inbound
 from caresync.store import OutboxRow, ParkedRow
 
 MAX_HEADER_VALUE = 1024
+log = structlog.get_logger("caresync.dead_letters")
 
 # Headers a dead letter carries; the original headers are kept beside them.
 H_REASON = "Caresync-Reason"
@@ -88,6 +98,14 @@ def dead_letter_row(
         payload=message.data,
         headers=headers,
     )
+
+
+def undecodable_row(subjects: Subjects, message: Inbound, exc: CodecError) -> OutboxRow:
+    """Log a message that does not decode and return its dead letter."""
+    log.warning(
+        "dead_letter", code=exc.code, reason=exc.reason, subject=message.subject, seq=message.seq
+    )
+    return dead_letter_row(subjects, message, exc.code, exc.reason)
 
 
 def parked_row(

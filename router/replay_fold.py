@@ -34,7 +34,7 @@ import structlog
 from caresync.actors.contract import Registry
 from caresync.codecs import CodecError, Subjects
 from caresync.router.decoding import CommandDecoder, Prepared
-from caresync.router.outbox_rows import dead_letter_row
+from caresync.router.outbox_rows import undecodable_row
 from caresync.router.replay_fold_apply import DedupeKey, EntityKey, FoldApply, FoldEntity
 from caresync.router.transport import Inbound, InputConsumer, Transport
 from caresync.router.worker import WorkerSettings, WorkerStats
@@ -183,14 +183,7 @@ class PartitionFold:
 
     def _dead_letter(self, message: Inbound, exc: CodecError) -> None:
         self._apply.stats.dead_lettered += 1
-        log.warning(
-            "dead_letter",
-            code=exc.code,
-            reason=exc.reason,
-            subject=message.subject,
-            seq=message.seq,
-        )
-        self._dead.append(dead_letter_row(self._subjects, message, exc.code, exc.reason))
+        self._dead.append(undecodable_row(self._subjects, message, exc))
 
     def _end_window(self) -> None:
         """Close a window of ``batch_size`` messages: its dead letters, then its other rows."""

@@ -34,7 +34,12 @@ from caresync.router.actor import (
     Supervision,
 )
 from caresync.router.decoding import CommandDecoder, Prepared
-from caresync.router.outbox_rows import dead_letter_row, effect_row, parked_row
+from caresync.router.outbox_rows import (
+    dead_letter_row,
+    effect_row,
+    parked_row,
+    undecodable_row,
+)
 from caresync.router.publisher import Publisher
 from caresync.router.transport import Inbound, InputConsumer, Transport
 from caresync.store import (
@@ -503,14 +508,7 @@ class PartitionWorker:
                 p = self._decoder.prepare(message)
             except CodecError as exc:
                 stats.dead_lettered += 1
-                log.warning(
-                    "dead_letter",
-                    code=exc.code,
-                    reason=exc.reason,
-                    subject=message.subject,
-                    seq=message.seq,
-                )
-                write.outbox.append(dead_letter_row(self._subjects, message, exc.code, exc.reason))
+                write.outbox.append(undecodable_row(self._subjects, message, exc))
                 continue
             prepared.append(p)
             if p.key not in self._actors:
