@@ -13,6 +13,7 @@ Also runnable as ``python -m caresync.bench.cli`` (from outside the repository).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shlex
 import sys
@@ -126,7 +127,8 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
     )
     lat_n = max(1, opts.latency_n)
     # The throughput workload's commands per key, so that its mix of kinds (and fan-out)
-    # is the same and 50 % of the measured rate is 50 % of the load.
+    # is the same and 50 % of the measured rate is 50 % of the load; interleaved, so that the
+    # mix is the same all through a phase (see build_workload).
     latencies = [
         build_workload(
             lat_n,
@@ -136,6 +138,7 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
             seed=opts.seed + 1 + i,
             prefix=f"lat{round(level * 100)}-",
             subjects=subjects,
+            interleaved=True,
         )
         for i, level in enumerate(opts.levels)
     ]
@@ -219,7 +222,11 @@ async def _caresync(
             f"{tp_model.downstream_sent} downstream effects; refdata version {version}, "
             f"{stock_sent} stock commands; in {tmp}"
         )
-        # -- timed
+        # -- timed.  The driver holds the workloads and the pure models (millions of objects):
+        # frozen out of its collector, so that a full collection in the driver cannot delay a
+        # publish it has already timestamped and show up as router latency.
+        gc.collect()
+        gc.freeze()
         meter = report.CpuMeter({"router": process.pid, "nats-server": server.pid})
         tp = await fo.throughput_phase(
             nc,
@@ -326,13 +333,16 @@ def stage_totals(record: dict[str, Any]) -> StageTotals:
 
 
 def stage_means(before: StageTotals, after: StageTotals) -> dict[str, float]:
-    """Mean milliseconds per batch in each stage between two health records, and batches."""
+    """Mean milliseconds per batch in each stage between two health records, batches, and the
+    slowest batch if it fell between them."""
     out: dict[str, float] = {}
-    for stage, (n, total, _) in after.items():
-        n0, total0, _ = before.get(stage, (0, 0.0, 0.0))
+    for stage, (n, total, slowest) in after.items():
+        n0, total0, slowest0 = before.get(stage, (0, 0.0, 0.0))
         if n > n0:
             out[f"{stage}_ms"] = round((total - total0) / (n - n0), 2)
             out[f"{stage}_batches"] = n - n0
+            if slowest > slowest0:  # the slowest batch since start fell in this phase
+                out[f"{stage}_max_ms"] = round(slowest, 1)
     return out
 
 

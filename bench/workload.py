@@ -117,8 +117,15 @@ def build_workload(
     seed: int = SEED,
     prefix: str = "",
     subjects: Subjects | None = None,
+    interleaved: bool = False,
 ) -> Workload:
     """N messages over M appointment keys (``<prefix>appt-<i>``), payload bytes included.
+
+    The peer's order is round by round (every booking, then every first reschedule... then
+    every end): right for a throughput burst, but paced it offers the heavy bookings and ends
+    (7 internal commands each) in long runs between runs of light reschedules (1 each).
+    ``interleaved`` starts each key at a random round instead, so that every stretch of the
+    send order carries the same mix of kinds; per-key order holds either way.
 
     ``items_per_procedure`` is not drawn from: it only says which reference data the
     workload is meant for (see :mod:`caresync.bench.refdata`).
@@ -183,6 +190,15 @@ def build_workload(
         per_key.append(seq)
     order: list[BenchCommand] = []
     rounds = max(len(s) for s in per_key)
+    if interleaved:
+        starts = [rng.randrange(rounds) for _ in per_key]
+        slots = sorted(
+            (start + r, rng.random(), k, r)
+            for k, (start, s) in enumerate(zip(starts, per_key, strict=True))
+            for r in range(len(s))
+        )
+        order = [per_key[k][r] for _, _, k, r in slots]
+        return Workload(order, len(per_key), items_per_procedure)
     for r in range(rounds):
         this_round = [s[r] for s in per_key if r < len(s)]
         rng.shuffle(this_round)
