@@ -234,9 +234,7 @@ def rows(result: Any) -> list[tuple[str, str]]:
         ("durability", c["durability"]),
         ("downstream", c["downstream"]),
         ("processes", c["processes"]),
-        ("machine", f"{m['platform']}; {m['cpu']}; {m['cores']} cores"),
-        ("software", f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}"),
-        ("load average before", m["loadavg_before"]),
+        *report.machine_rows(m),
         (
             "router RSS idle",
             f"{f['router_rss_idle_mb']:,.1f} MB (target <= {t['rss_mb']} MB: "

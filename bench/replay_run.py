@@ -350,9 +350,7 @@ def rows(result: Any) -> list[tuple[str, str]]:
         ),
         ("durability", c["durability"]),
         ("processes", c["processes"]),
-        ("machine", f"{m['platform']}; {m['cpu']}; {m['cores']} cores"),
-        ("software", f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}"),
-        ("load average before", m["loadavg_before"]),
+        *report.machine_rows(m),
         (
             "replay events/s",
             f"{f['events_per_s']:,.0f} messages replayed/s ({f['messages_replayed']:,} in "

@@ -159,14 +159,21 @@ def rows(result: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def machine_rows(m: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Where it ran: machine, software, load before the run."""
+    return [
+        ("machine", f"{m['platform']}; {m['cpu']}; {m['cores']} cores"),
+        ("software", f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}"),
+        ("load average before", m["loadavg_before"]),
+    ]
+
+
 def measured_rows(
     m: Mapping[str, Any], f: Mapping[str, Any], *, rate_label: str, latency: str
 ) -> list[tuple[str, str]]:
     """The rows every benchmark shares: machine, caresync and raw-loop figures, latency."""
     return [
-        ("machine", f"{m['platform']}; {m['cpu']}; {m['cores']} cores"),
-        ("software", f"Python {m['python']}, {m['nats_server']}, nats-py {m['nats_py']}"),
-        ("load average before", m["loadavg_before"]),
+        *machine_rows(m),
         (rate_label, _fmt(f["caresync_commands_per_s"])),
         ("  end-to-end s / publish s", f"{f['caresync_s']:.2f} / {f['caresync_publish_s']:.2f}"),
         ("  cores used", _fmt(f["caresync_cpu_cores"])),
