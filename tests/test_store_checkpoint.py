@@ -55,10 +55,10 @@ async def test_a_store_nobody_checkpoints_keeps_sqlite_default(tmp_path: Path) -
         assert row[0] == 1000
 
 
-def _sqlite_threads() -> int:
-    return sum(
-        t.is_alive() and "_connection_worker_thread" in t.name for t in threading.enumerate()
-    )
+def _sqlite_threads() -> set[threading.Thread]:
+    return {
+        t for t in threading.enumerate() if t.is_alive() and "_connection_worker_thread" in t.name
+    }
 
 
 async def test_concurrent_readers_open_one_read_connection_and_close_leaves_no_thread(
@@ -66,7 +66,7 @@ async def test_concurrent_readers_open_one_read_connection_and_close_leaves_no_t
 ) -> None:
     """Two partitions reading at once must not each open a reader: the one left over would
     never be closed and its thread would keep the process from exiting."""
-    before = _sqlite_threads()
+    before = _sqlite_threads()  # earlier tests' threads may still be ending: not counted
     store = await Store.open(tmp_path / "store.db")
     await store.commit(_batch(1))
     async with anyio.create_task_group() as tg:
@@ -74,12 +74,13 @@ async def test_concurrent_readers_open_one_read_connection_and_close_leaves_no_t
             tg.start_soon(store.load_entities, [("appointment", "A1-0")])
             tg.start_soon(store.applied_among, [("appointment", "A1-0", "c")])
     await store.checkpoint()
-    assert _sqlite_threads() == before + 3  # writer, reader, checkpointer
+    mine = _sqlite_threads() - before
+    assert len(mine) == 3  # writer, reader, checkpointer
     await store.close()
     await store.close()  # idempotent
     assert await store.checkpoint() == (0, 0)
     for _ in range(500):  # the threads end just after their connection closes
-        if _sqlite_threads() == before:
+        if not any(t.is_alive() for t in mine):
             break
         await anyio.sleep(0.01)
-    assert _sqlite_threads() == before
+    assert not any(t.is_alive() for t in mine)
