@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="fanout, latency, workflow: router processes (router.processes; partitions are"
+        " raised to at least as many); default 1",
+    )
+    parser.add_argument(
         "--peer",
         choices=["restate"],
         help="fanout: also run ../shared/peers/restate with the same N and M, print the ratio",

@@ -62,6 +62,8 @@ class Options:
     """Latency phases, as fractions of the measured peak."""
     peer: str = ""
     peer_runs: int = 1
+    processes: int = 1
+    """Router processes."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, command_line: str) -> Options:
@@ -78,6 +80,7 @@ class Options:
             levels=LATENCY_LEVELS if latency else (0.5,),
             peer=getattr(args, "peer", "") or "",
             peer_runs=getattr(args, "peer_runs", 1),
+            processes=getattr(args, "processes", 1),
             seed=getattr(args, "seed", SEED),
             json=args.json,
             write_results=args.write_results,
@@ -119,7 +122,7 @@ async def run(opts: Options) -> int:
 async def run_fanout(opts: Options) -> dict[str, Any]:
     """Build the workloads, start the deployment, measure caresync then the raw loop (then the
     peer, if asked, once the deployment is gone)."""
-    env = fo.router_environment(os.environ)
+    env = fo.router_environment(os.environ, opts.processes)
     cfg = load_config(None, environ=env)
     subjects = subjects_for(cfg)
     workload = build_workload(
@@ -227,7 +230,9 @@ async def _caresync(
         # publish it has already timestamped and show up as router latency.
         gc.collect()
         gc.freeze()
-        meter = report.CpuMeter({"router": process.pid, "nats-server": server.pid})
+        meter = report.CpuMeter(
+            {"router": process.pid, "nats-server": server.pid}, trees=frozenset({"router"})
+        )
         tp = await fo.throughput_phase(
             nc,
             js,

@@ -16,7 +16,6 @@ import asyncio
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from caresync.bench.expected import Address, Outcome, Sent
 from caresync.bench.workload import Workload
 from caresync.codecs import Subjects, WireFormat, decode_envelope
 from caresync.config.schema import DownstreamConfig
+from caresync.router.processes import caresync_command
 
 POLL_S = 0.02
 
@@ -58,17 +58,10 @@ async def publish_all(js: JetStreamContext, messages: Sequence[tuple[str, bytes]
 
 
 # -- the router process -------------------------------------------------------------------------
-def caresync_command() -> list[str]:
-    """How to run the ``caresync`` command of this interpreter's environment."""
-    script = Path(sys.executable).parent / "caresync"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from caresync.cli import main; main()"]
-
-
-def router_environment(base: Mapping[str, str]) -> dict[str, str]:
+def router_environment(base: Mapping[str, str], processes: int = 1) -> dict[str, str]:
     """The router's environment: ours minus data dir, config file, NATS URL and log settings,
-    with every downstream connector switched off.
+    with every downstream connector switched off, in ``processes`` processes (with at least as
+    many partitions).
 
     Other ``CARESYNC_<SECTION>__<KEY>`` variables are passed on, so that a setting can be
     benchmarked (``CARESYNC_ROUTER__BATCH_SIZE=1000 caresync bench``); the figures show them.
@@ -86,6 +79,15 @@ def router_environment(base: Mapping[str, str]) -> dict[str, str]:
     env["CARESYNC_LOG__LEVEL"] = "warning"
     for system in msgspec.structs.fields(DownstreamConfig):
         env[f"CARESYNC_DOWNSTREAM__{system.name.upper()}__ENABLED"] = "false"
+    return with_processes(env, processes)
+
+
+def with_processes(env: dict[str, str], processes: int) -> dict[str, str]:
+    """``env`` asking for ``processes`` router processes and at least as many partitions."""
+    if processes > 1:
+        partitions = int(env.get("CARESYNC_STREAMS__PARTITIONS", "1"))
+        env["CARESYNC_ROUTER__PROCESSES"] = str(processes)
+        env["CARESYNC_STREAMS__PARTITIONS"] = str(max(partitions, processes))
     return env
 
 

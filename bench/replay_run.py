@@ -68,6 +68,7 @@ from caresync.bench.store_readback import (
 )
 from caresync.bench.workload import KINDS
 from caresync.router.logs import configure_logging
+from caresync.router.processes import caresync_command
 
 PROFILE_ENV = "CS_BENCH_PROFILE"
 QUICK = (20_000, 2_000)
@@ -120,7 +121,7 @@ def _rate(a: tuple[float, int], b: tuple[float, int]) -> float:
 
 def _rebuild_command(d: Deployment, profile: Path | None) -> list[str]:
     args = ["replay", "rebuild", "--nats", d.server.url, "--data-dir", str(d.router_dir), "--json"]
-    command = fo.caresync_command()
+    command = caresync_command()
     if profile is None:
         return [*command, *args]
     if len(command) != 1:

@@ -76,6 +76,7 @@ class Options:
     base_dir: str | None = None
     keep: bool = False
     command_line: str = "caresync bench workflow"
+    processes: int = 1
 
 
 def options(args: Any, command_line: str) -> Options:
@@ -92,15 +93,17 @@ def options(args: Any, command_line: str) -> Options:
         base_dir=getattr(args, "data_dir", None),
         keep=getattr(args, "keep", False),
         command_line=command_line,
+        processes=getattr(args, "processes", 1),
     )
 
 
 _say = say
 
 
-def router_environment(base: Mapping[str, str]) -> dict[str, str]:
+def router_environment(base: Mapping[str, str], processes: int = 1) -> dict[str, str]:
     """Ours minus data dir, config file, NATS URL, log and downstream settings: the default
-    connectors (on, to the simulators) whatever the environment says."""
+    connectors (on, to the simulators) whatever the environment says; ``processes`` router
+    processes."""
     dropped = (
         "CARESYNC_DATA_DIR",
         "CARESYNC_CONFIG",
@@ -110,7 +113,7 @@ def router_environment(base: Mapping[str, str]) -> dict[str, str]:
     )
     env = {k: v for k, v in base.items() if not k.upper().startswith(dropped)}
     env["CARESYNC_LOG__LEVEL"] = "warning"
-    return env
+    return fo.with_processes(env, processes)
 
 
 async def run(opts: Options) -> int:
@@ -346,7 +349,7 @@ def tree_latencies_ms(
 # -- the run --------------------------------------------------------------------------------------
 async def run_workflow(opts: Options) -> dict[str, Any]:
     """Build the workloads, start the deployment, measure caresync then the raw loop."""
-    env = router_environment(os.environ)
+    env = router_environment(os.environ, opts.processes)
     cfg = load_config(None, environ=env)
     subjects = subjects_for(cfg)
     workload = build_workflow(opts.appointments, seed=opts.seed, subjects=subjects)
@@ -414,7 +417,9 @@ async def _caresync(
         )
         before = {**store_state(db_path, 0, "wf-%", ledgers=False), **sim_state(sim_db)}
         # -- timed: throughput to "all downstream effects acknowledged"
-        meter = report.CpuMeter({"router": process.pid, "nats-server": server.pid})
+        meter = report.CpuMeter(
+            {"router": process.pid, "nats-server": server.pid}, trees=frozenset({"router"})
+        )
         messages = [(c.subject, c.data) for c in workload.commands]
         t0 = time.monotonic()
         publish_s = await fo.publish_all(js, messages)
@@ -580,11 +585,12 @@ def build_result(
             "batch_size": r.batch_size,
             "batches_in_flight": r.batches_in_flight,
             "partitions": cfg.streams.partitions,
+            "processes": r.processes,
             "storage": cfg.streams.storage,
             "synchronous": cfg.store.synchronous,
         },
         "durability": report.DURABILITY,
-        "processes": "1 router with connectors and simulators + 1 driver "
+        "processes": f"{r.processes} router (with connectors and simulators) + 1 driver "
         "(raw: 1 raw loop + 1 driver), 1 nats-server",
         "refdata": "3 facilities, 200 items, 10 procedures with cards of 3-5 items, 3 payers; "
         "stock sized so that some items cross their reorder points",

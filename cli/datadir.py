@@ -90,9 +90,21 @@ def pid_alive(pid: int) -> bool:
 class DataDirLock:
     """An exclusive lock on a data dir: one router (or one rebuild) per store at a time."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / LOCK_FILE
+    def __init__(self, data_dir: Path, name: str = LOCK_FILE) -> None:
+        self.path = data_dir / name
         self._file: IO[str] | None = None
+
+    def is_held(self) -> bool:
+        """Whether some process holds the lock now (taking it for an instant to find out)."""
+        if not self.path.exists():
+            return False
+        with self.path.open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
 
     def acquire(self, what: str) -> None:
         """Take the lock or raise DataDirError saying who holds it."""
@@ -105,7 +117,8 @@ class DataDirLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise DataDirError(
-                f"{self.path.parent} is in use by {holder}; stop it first (one router per data dir)"
+                f"{self.path.parent} is in use by {holder}; stop it first"
+                f" (one router per data dir; lock {self.path.name})"
             ) from None
         handle.seek(0)
         handle.truncate()

@@ -37,6 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(run=lambda a, c: _up(a, c))
 
+    process = sub.add_parser(
+        "router-process",
+        parents=[client],
+        help="one more process of a router (started by `caresync up` when router.processes > 1)",
+    )
+    process.add_argument("--group", type=int, required=True, help="process number, 1..P-1")
+    process.add_argument(
+        "--parent-pid", type=int, required=True, help="the `caresync up` process it belongs to"
+    )
+    process.set_defaults(run=lambda a, c: _router_process(a, c))
+
     health = sub.add_parser(
         "health", parents=[client], help="exit 0 if the router is ready, 1 if not"
     )
@@ -278,6 +289,12 @@ async def _up(args: argparse.Namespace, ctx: Context) -> int:
     from caresync.cli.up import run_up
 
     return await run_up(ctx, args.nats)
+
+
+async def _router_process(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.up import run_router_process
+
+    return await run_router_process(ctx, args.nats, args.group, args.parent_pid)
 
 
 async def _health(args: argparse.Namespace, ctx: Context) -> int:

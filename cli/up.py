@@ -21,6 +21,7 @@ from caresync.codecs import Subjects
 from caresync.config import Config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.logs import configure_logging
+from caresync.router.processes import READY_LINE, RouterProcessError, exit_with_parent
 from caresync.router.service import RouterService, subjects_for
 from caresync.sim import SimServer, SimSettings
 
@@ -122,12 +123,65 @@ async def run_up(ctx: Context, nats_url: str | None) -> int:
         lock.release()
 
 
-async def _stop_on_signal(service: RouterService, scope: anyio.CancelScope) -> None:
+async def run_router_process(ctx: Context, nats_url: str | None, group: int, parent: int) -> int:
+    """Process ``group`` of a multi-process router, as ``caresync up`` starts it: runs its
+    partitions until SIGTERM (or its parent's death) and prints a ready line on stdout."""
+    cfg = ctx.config
+    configure_logging(cfg.log.level, cfg.log.format)
+    if not 0 < group < cfg.router.processes:
+        raise CommandError(
+            f"--group {group} is not one of this router's other processes "
+            f"(router.processes = {cfg.router.processes}: groups 1..{cfg.router.processes - 1})"
+        )
+    if not nats_url:
+        raise CommandError("router-process needs --nats URL (the one `caresync up` uses)")
+    try:
+        exit_with_parent(parent)
+    except RouterProcessError as exc:
+        raise CommandError(str(exc)) from exc
+    if not DataDirLock(ctx.data_dir).is_held():
+        raise CommandError(
+            f"no `caresync up` holds {ctx.data_dir}: router processes are started by it"
+        )
+    # One process per group: two would pull the same partitions and break per-entity order.
+    lock = DataDirLock(ctx.data_dir, f"router-group-{group}.lock")
+    try:
+        lock.acquire(f"caresync router-process --group {group}")
+    except DataDirError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        service = RouterService(
+            cfg,
+            nats_url=nats_url,
+            data_dir=ctx.data_dir,
+            group=group,
+        )
+        async with anyio.create_task_group() as tg:
+            signals = anyio.CancelScope()
+            tg.start_soon(_stop_on_signal, service, signals, f"router-process {group}")
+
+            async def serve(*, task_status: TaskStatus[None]) -> None:
+                try:
+                    await service.run(task_status=task_status)
+                finally:
+                    signals.cancel()
+
+            await tg.start(serve)
+            tune_gc()
+            print(f"{READY_LINE}: group {group}", flush=True)
+        return 0
+    finally:
+        lock.release()
+
+
+async def _stop_on_signal(
+    service: RouterService, scope: anyio.CancelScope, who: str = "caresync up"
+) -> None:
     with scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
         # Keep the handler installed while draining: a second signal must not kill us midway.
         async for signum in received:
             print(
-                f"caresync up: {signal.Signals(signum).name} received, stopping",
+                f"{who}: {signal.Signals(signum).name} received, stopping",
                 file=sys.stderr,
                 flush=True,
             )

@@ -127,6 +127,11 @@ class Subjects:
         """Subject of a control request (health, status)."""
         return f"{self.prefix}.ctl.{op}"
 
+    def group_control(self, group: int, op: str) -> str:
+        """Subject of a control request to one router process of a multi-process router
+        (``cs.ctl.group.<k>.<op>``: not matched by the shared ``cs.ctl.*`` subscription)."""
+        return f"{self.prefix}.ctl.group.{group}.{op}"
+
     def parse_address(self, subject: str) -> EntityAddress:
         """Entity kind and id of an input or internal subject; raises SubjectError."""
         tokens = subject.split(".")

@@ -337,6 +337,13 @@ def _check_cross_field(
             "streams.max_age_s",
             f"must not exceed streams.max_age_s ({max_age_s!r}), got {window_s!r}",
         )
+    if cfg.router.processes > cfg.streams.partitions:
+        fail(
+            "router.processes",
+            "streams.partitions",
+            f"must not exceed streams.partitions ({cfg.streams.partitions!r}): a process runs"
+            f" whole partitions, got {cfg.router.processes!r}",
+        )
     sup = cfg.supervision
     if sup.backoff_initial_ms > sup.backoff_max_ms:
         fail(

@@ -94,6 +94,15 @@ class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     batches_in_flight: Annotated[
         int, Meta(ge=1, le=8, description="Pull batches processed concurrently per partition")
     ] = 2
+    processes: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=16,
+            description="Router processes sharing the partitions (partition p runs in process"
+            " p % processes); at most streams.partitions",
+        ),
+    ] = 1
     ack_wait_s: Annotated[
         float, Meta(gt=0, description="Redelivery delay for unacknowledged messages")
     ] = 60.0

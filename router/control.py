@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
 from caresync.router.dead_letters import retry_dead_letter
+from caresync.router.processes import FORWARD_TIMEOUT_S, ProcessGroup
 from caresync.router.report import build_report
 from caresync.router.retry_failed import retry_failed
 from caresync.router.runtime import Router
@@ -57,8 +58,22 @@ class ControlResponder:
     """Answers control requests for one router."""
 
     def __init__(
-        self, nc: NatsClient, router: Router, store: Store, registry: Registry, subjects: Subjects
+        self,
+        nc: NatsClient,
+        router: Router,
+        store: Store,
+        registry: Registry,
+        subjects: Subjects,
+        *,
+        group: int = 0,
+        processes: ProcessGroup | None = None,
     ):
+        """``group`` 0 answers the shared control subjects (one responder of the queue group
+        per deployment); another process of a multi-process router answers only its own
+        (:meth:`Subjects.group_control`).  ``processes``: the other processes, whose health is
+        merged into this one's and to which releases of their partitions are forwarded."""
+        self._group = group
+        self._processes = processes
         self._nc = nc
         self._router = router
         self._store = store
@@ -72,7 +87,10 @@ class ControlResponder:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled."""
-        sub = await self._nc.subscribe(self._subjects.control("*"), queue="caresync-router")
+        if self._group == 0:
+            sub = await self._nc.subscribe(self._subjects.control("*"), queue="caresync-router")
+        else:
+            sub = await self._nc.subscribe(self._subjects.group_control(self._group, "*"))
         task_status.started()
         try:
             async for msg in sub.messages:
@@ -91,11 +109,11 @@ class ControlResponder:
     async def _handle(self, msg: Msg) -> dict[str, Any]:
         op = msg.subject.rsplit(".", 1)[-1]
         if op == "health":
-            return self._router.health()
+            return await self.health()
         if op == "status":
             req = _status_decoder.decode(msg.data) if msg.data.strip() else StatusRequest()
             if not req.kind:
-                return {"health": self._router.health(), "counts": await self._store.counts()}
+                return {"health": await self.health(), "counts": await self._store.counts()}
             return await self.entity_status(req.kind, req.id)
         if op == "verdict":
             return await self.verdict(_verdict_decoder.decode(msg.data))
@@ -109,7 +127,7 @@ class ControlResponder:
             return {"parked": [_parked_row(p) for p in await self._store.parked()]}
         if op == "release":
             req = _status_decoder.decode(msg.data)
-            return await self._router.release(req.kind, req.id)
+            return await self.release(req.kind, req.id, msg.data)
         if op == "report":
             report = await build_report(self._store)
             report["dead_letters"] = await self._dead_letters()
@@ -118,6 +136,22 @@ class ControlResponder:
             "error": f"unknown control operation {op!r}; known: health, status, verdict, "
             "parked, release, report"
         }
+
+    async def health(self) -> dict[str, Any]:
+        """This router's health; with several processes, all of theirs merged."""
+        own = self._router.health()
+        if self._processes is None:
+            return own
+        return await self._processes.health(own)
+
+    async def release(self, kind: str, entity: str, body: bytes) -> dict[str, Any]:
+        """Release a parked entity here, or in the process that runs its partition."""
+        if self._processes is not None:
+            parked = await self._store.parked(kind, entity)
+            group = self._processes.owner(parked[0].stream) if parked else 0
+            if group:
+                return await self._processes.request(group, "release", body, FORWARD_TIMEOUT_S)
+        return await self._router.release(kind, entity)
 
     async def raw_verdict(self, req: VerdictRequest) -> dict[str, Any]:
         """What became of one raw message: one item per message inside it (an HL7 batch holds

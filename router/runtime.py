@@ -7,7 +7,7 @@ in-memory transport.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +69,14 @@ class Router:
         settings: RouterSettings | None = None,
         refdata: Callable[[int], Any] | None = None,
         refdata_barrier: Callable[[], Awaitable[None]] | None = None,
+        partitions: Sequence[int] | None = None,
+        primary: bool = True,
     ) -> None:
+        """``partitions``: the partitions this process runs (default all).  Only the
+        ``primary`` process of a multi-process router recovers the outbox at start, prunes
+        and checkpoints the shared store; the others run their partitions' pipelines."""
         self.settings = settings or RouterSettings()
+        self.primary = primary
         self.subjects = subjects
         self.store = store
         self.publisher = Publisher(
@@ -93,7 +99,7 @@ class Router:
                 refdata=refdata,
                 refdata_barrier=refdata_barrier,
             )
-            for p in range(subjects.partitions)
+            for p in (range(subjects.partitions) if partitions is None else partitions)
         ]
         self._stop = anyio.Event()
         self._stopped = anyio.Event()
@@ -111,14 +117,16 @@ class Router:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Send what the outbox still holds, start every partition, run until stopped."""
         try:
-            await self.recover_outbox()
+            if self.primary:
+                await self.recover_outbox()
             async with anyio.create_task_group() as tg:
                 for worker in self.workers:
                     await tg.start(worker.run)
                 maintenance = anyio.CancelScope()
-                tg.start_soon(self._maintenance, maintenance)
                 checkpoints = anyio.CancelScope()
-                tg.start_soon(self._checkpoints, checkpoints)
+                if self.primary:
+                    tg.start_soon(self._maintenance, maintenance)
+                    tg.start_soon(self._checkpoints, checkpoints)
                 self.ready = True
                 self.started_at = time.time()
                 log.info("router_ready", partitions=len(self.workers))
@@ -187,7 +195,7 @@ class Router:
         stream = parked[0].stream if parked else ""
         worker = next((w for w in self.workers if w.stream == stream), None)
         if worker is None:
-            if len(self.workers) != 1:
+            if len(self.workers) != 1 or self.subjects.partitions != 1:
                 return {"error": f"{kind} {entity!r} has no parked messages"}
             worker = self.workers[0]
         return await worker.release(kind, entity)
