@@ -1,11 +1,12 @@
 """ERP actor: the ERP conversation of one appointment, keyed by the appointment id.
 
 It owns what goes to ERP for the case: demand planning lines (the appointment sends its whole
-demand at a facility; the change per item and date goes downstream, reversals as negative
-quantities) and the financial postings of the supplies it consumed, for the facility's cost
-center.  Each is sent exactly once, keyed by the command that asked for it, and tracked in the
-appointment's sync ledger with ERP.  Purchase orders are the facility's, not a case's: they go
-through the purchasing actor (:mod:`caresync.actors.purchasing`).
+demand at a facility; the change per item and date goes downstream, one message per change with
+a line per item and date, reversals as negative quantities) and the financial postings of the
+supplies it consumed, for the facility's cost center.  Each is sent exactly once, keyed by the
+command that asked for it, and tracked in the appointment's sync ledger with ERP.  Purchase
+orders are the facility's, not a case's: they go through the purchasing actor
+(:mod:`caresync.actors.purchasing`).
 """
 
 from __future__ import annotations
@@ -109,28 +110,22 @@ def _totals(lines: tuple[DemandLine, ...]) -> dict[tuple[str, str], int]:
 def _demand(state: ErpState, command: Command[Any], p: Demand) -> Accepted[Event]:
     old = _totals(state.demand.get(p.facility_id, ()))
     new = _totals(p.lines)
-    effects = []
-    for item_id, date in sorted(set(old) | set(new)):
-        delta = new.get((item_id, date), 0) - old.get((item_id, date), 0)
-        if delta:
-            effects.append(
-                Effect(
-                    target=Downstream("erp", state.id),
-                    name="demand",
-                    key=f"{command.key}:erp:demand:{item_id}:{date}",
-                    payload={
-                        "facility_id": p.facility_id,
-                        "item_id": item_id,
-                        "date": date,
-                        "quantity": delta,
-                        "appointment_id": state.id,
-                    },
-                )
-            )
-    if not effects:
+    changes = [
+        {"item_id": item_id, "date": date, "quantity": delta}
+        for item_id, date in sorted(set(old) | set(new))
+        if (delta := new.get((item_id, date), 0) - old.get((item_id, date), 0))
+    ]
+    if not changes:
         return Accepted()
-    event = DemandSet(facility_id=p.facility_id, lines=p.lines, keys=tuple(e.key for e in effects))
-    return Accepted(events=(event,), effects=tuple(effects))
+    # One message per case change, whatever the number of items and dates it touches.
+    effect = Effect(
+        target=Downstream("erp", state.id),
+        name="demand",
+        key=f"{command.key}:erp:demand",
+        payload={"facility_id": p.facility_id, "appointment_id": state.id, "lines": changes},
+    )
+    event = DemandSet(facility_id=p.facility_id, lines=p.lines, keys=(effect.key,))
+    return Accepted(events=(event,), effects=(effect,))
 
 
 def _down(state: ErpState, command: Command[Any], operation: str, payload: Any) -> Effect:

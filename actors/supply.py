@@ -3,9 +3,10 @@ the appointment id.
 
 The appointment sends it its whole plan at a facility (reservations still needed, and what was
 consumed).  It works out the change per item, tells each item actor (stock of that item at that
-facility) and sends the supply system the reservation and consumption changes, keeping the
-appointment's sync ledger with the supply system.  Its state is the appointment's own plan per
-facility (usually one; two while a case moves), so it stays small however long the history.
+facility) and sends the supply system the reservation and consumption changes (one message for
+each, a line per item), keeping the appointment's sync ledger with the supply system.  Its state
+is the appointment's own plan per facility (usually one; two while a case moves), so it stays
+small however long the history.
 """
 
 from __future__ import annotations
@@ -88,10 +89,21 @@ def decide(state: SupplyState, command: Command[Any]) -> Accepted[Event] | Rejec
     new_res = {line.item_id: line.quantity for line in p.reservations if line.quantity > 0}
     new_used = {line.item_id: line.quantity for line in p.consumed if line.quantity}
     effects: list[Effect] = []
+    used_lines: list[dict[str, Any]] = []
+    reserved_lines: list[dict[str, Any]] = []
     for item_id in sorted(set(old_res) | set(new_res) | set(old_used) | set(new_used)):
         used = new_used.get(item_id, 0) - old_used.get(item_id, 0)
         before, after = old_res.get(item_id, 0), new_res.get(item_id, 0)
         effects.extend(_item_changes(state, command, facility, item_id, used, before, after))
+        if used:
+            used_lines.append({"item_id": item_id, "quantity": used})
+        if after != before:
+            reserved_lines.append({"item_id": item_id, "quantity": after - before})
+    # The supply system hears one message per kind of change, whatever the number of items.
+    for operation, lines in (("consumption", used_lines), ("reservation", reserved_lines)):
+        if lines:
+            payload = {"facility_id": facility, "appointment_id": state.id, "lines": lines}
+            effects.append(_down(state, f"{command.key}:supply:{operation}", operation, payload))
     if not effects and (new_res, new_used) == (old_res, old_used):
         return Accepted()
     downstream = tuple(e.key for e in effects if isinstance(e.target, Downstream))
@@ -108,12 +120,11 @@ def _item_changes(
     before: int,
     after: int,
 ) -> list[Effect]:
-    """What the item actor and the supply system hear of one item's change."""
+    """What the item actor hears of one item's change."""
     effects: list[Effect] = []
     appointment = state.id
     stock = ActorRef("item", f"{item_id}@{facility}")
     base = f"{command.key}:{item_id}"
-    line = {"facility_id": facility, "item_id": item_id, "appointment_id": appointment}
     if used < 0:  # a credited supply line: the unused quantity goes back on the shelf
         payload = {"appointment_id": appointment, "quantity": -used}
         effects.append(
@@ -122,10 +133,6 @@ def _item_changes(
     if used > 0:
         payload = {"appointment_id": appointment, "quantity": used}
         effects.append(Effect(target=stock, name="consume", key=f"{base}:consume", payload=payload))
-    if used:
-        effects.append(
-            _down(state, f"{base}:consumption", "consumption", {**line, "quantity": used})
-        )
     # The item actor takes a consumption out of the reservation by itself.
     expected = max(0, before - max(used, 0))
     if after != expected:
@@ -139,9 +146,6 @@ def _item_changes(
             effects.append(
                 Effect(target=stock, name="release", key=f"{base}:release", payload=payload)
             )
-    if after != before:
-        change = {**line, "quantity": after - before}
-        effects.append(_down(state, f"{base}:reservation", "reservation", change))
     return effects
 
 

@@ -1,7 +1,8 @@
 """What each simulated system offers: operations, the data they require, their references.
 
 Schemas name only the fields a system needs; requests may carry more, and everything is
-stored (wire schemas never forbid unknown fields).  Quantities are numbers; money is a decimal,
+stored (wire schemas never forbid unknown fields).  Demand and stock moves carry all of one
+change's items as ``lines`` (at least one).  Quantities are numbers; money is a decimal,
 given as a string (exact, as caresync sends it) or a number.  A quantity may be negative where
 the contract says so (a release, a reversal).
 """
@@ -42,11 +43,15 @@ class _Reversal(msgspec.Struct):
     appointment_id: Id
 
 
-class _Demand(msgspec.Struct):
-    facility_id: Id
+class _DemandLine(msgspec.Struct):
     item_id: Id
     date: Id
     quantity: float
+
+
+class _Demand(msgspec.Struct):
+    facility_id: Id
+    lines: Annotated[list[_DemandLine], msgspec.Meta(min_length=1)]
 
 
 class _PurchaseOrder(msgspec.Struct):
@@ -63,10 +68,14 @@ class _Posting(msgspec.Struct):
     amount: Decimal
 
 
-class _StockMove(msgspec.Struct):
-    facility_id: Id
+class _StockLine(msgspec.Struct):
     item_id: Id
     quantity: float
+
+
+class _StockMove(msgspec.Struct):
+    facility_id: Id
+    lines: Annotated[list[_StockLine], msgspec.Meta(min_length=1)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,14 @@ KNOWN_BUGS: frozenset[str] = frozenset()
 ``po_rearm`` and ``billing_reversal_once`` were found by this simulator and fixed)."""
 
 
+LINE_MESSAGES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("erp", "demand"): ("item_id", "date"),
+    ("supply", "reservation"): ("item_id",),
+    ("supply", "consumption"): ("item_id",),
+}
+"""Downstream messages that carry a case change as lines, and the fields that order them."""
+
+
 class Violation(AssertionError):
     """An invariant did not hold; the message says which seed and how to re-run it."""
 
@@ -158,6 +166,8 @@ class Checker:
         self.emitted[effect.key] = (owner, effect)
         assert isinstance(effect.target, Downstream)
         system = effect.target.system
+        if (system, effect.name) in LINE_MESSAGES:
+            self._lines(effect, system, LINE_MESSAGES[(system, effect.name)])
         if system == "erp" and effect.name == "purchase_order":
             po = effect.payload["po_id"]
             if self.po_keys.setdefault(po, effect.key) != effect.key:
@@ -172,6 +182,17 @@ class Checker:
                     f"billing charged line {line} that {appointment.id} never posted "
                     f"(status {appointment.status})"
                 )
+
+    def _lines(self, effect: Effect, system: str, fields: tuple[str, ...]) -> None:
+        """One message per command and operation, a line per item (and date): lines present,
+        each (item, date) once, in order, none without a change."""
+        lines = effect.payload["lines"]
+        order = [tuple(line[f] for f in fields) for line in lines]
+        if not lines or order != sorted(set(order)) or any(not x["quantity"] for x in lines):
+            self.fail(f"{effect.name} {effect.key} has lines out of contract: {lines}")
+        suffix = f":{system}:{effect.name}"
+        if not effect.key.endswith(suffix):
+            self.fail(f"{effect.name} {effect.key} is not keyed by its command ({suffix})")
 
     def _item_safety(self, key: Key, state: Any) -> None:
         if any(q <= 0 for q in state.reservations.values()):

@@ -146,9 +146,12 @@ class Settled:
         for _, effect in self.emitted.values():
             p = effect.payload
             if effect.name in ("reservation", "consumption"):
-                told[(effect.name, p["facility_id"], p["item_id"])] += p["quantity"]
+                for line in p["lines"]:
+                    told[(effect.name, p["facility_id"], line["item_id"])] += line["quantity"]
             elif effect.name == "demand":
-                told[("demand", p["facility_id"], p["item_id"], p["date"])] += p["quantity"]
+                for line in p["lines"]:
+                    where = (p["facility_id"], line["item_id"], line["date"])
+                    told[("demand", *where)] += line["quantity"]
             elif effect.name == "posting":
                 amount, case = Decimal(p["amount"]), p["appointment_id"]
                 posted[p["facility_id"]] = posted.get(p["facility_id"], Decimal(0)) + amount

@@ -27,6 +27,8 @@ from caresync.actors import (
     appointment,
     billing,
     default_registry,
+    erp,
+    supply,
 )
 from caresync.codecs.scheduling import (
     BookAppointment,
@@ -155,6 +157,123 @@ def test_procedures_sharing_an_item_make_one_reservation_of_the_sum() -> None:
     kind, command = as_command(reserves[0])
     item, _ = accept(kind, kind.initial("gauze@MAIN"), command)
     assert item.reserved == 10
+
+
+def test_a_supply_plan_tells_each_item_and_the_supply_system_once_per_operation() -> None:
+    def plan(reservations: dict[str, int], consumed: dict[str, int]) -> supply.SupplyPlan:
+        return msgspec.convert(
+            {
+                "facility_id": "MAIN",
+                "reservations": [{"item_id": i, "quantity": q} for i, q in reservations.items()],
+                "consumed": [{"item_id": i, "quantity": q} for i, q in consumed.items()],
+            },
+            supply.SupplyPlan,
+        )
+
+    before = {"gauze": 4, "knee-kit": 1, "lens": 2}
+    state, _ = accept(supply.KIND, supply.initial("A1"), cmd("plan", plan(before, {"knee-kit": 1})))
+    # Gauze used (3 of 4, the rest released), the knee kit credited back, one lens less held.
+    after, decision = accept(
+        supply.KIND, state, cmd("plan", plan({"lens": 1}, {"gauze": 3}), id="c2")
+    )
+    to_items = [
+        (e.target, e.name, e.key, e.payload)
+        for e in decision.effects
+        if isinstance(e.target, ActorRef)
+    ]
+    assert to_items == [  # one command per item, keyed by the item, as before
+        (ActorRef("item", "gauze@MAIN"), "consume", "A1/c2:gauze:consume",
+         {"appointment_id": "A1", "quantity": 3}),
+        (ActorRef("item", "gauze@MAIN"), "release", "A1/c2:gauze:release",
+         {"appointment_id": "A1"}),
+        (ActorRef("item", "knee-kit@MAIN"), "return_stock", "A1/c2:knee-kit:return",
+         {"appointment_id": "A1", "quantity": 1}),
+        (ActorRef("item", "knee-kit@MAIN"), "release", "A1/c2:knee-kit:release",
+         {"appointment_id": "A1"}),
+        (ActorRef("item", "lens@MAIN"), "reserve", "A1/c2:lens:reserve",
+         {"appointment_id": "A1", "quantity": 1}),
+    ]  # fmt: skip
+    to_system = Downstream("supply", "A1")
+    down = [(e.name, e.key, e.payload) for e in decision.effects if e.target == to_system]
+    assert down == [
+        (
+            "consumption",
+            "A1/c2:supply:consumption",
+            {
+                "facility_id": "MAIN",
+                "appointment_id": "A1",
+                "lines": [
+                    {"item_id": "gauze", "quantity": 3},
+                    {"item_id": "knee-kit", "quantity": -1},
+                ],
+            },
+        ),
+        (
+            "reservation",
+            "A1/c2:supply:reservation",
+            {
+                "facility_id": "MAIN",
+                "appointment_id": "A1",
+                "lines": [
+                    {"item_id": "gauze", "quantity": -4},
+                    {"item_id": "knee-kit", "quantity": -1},
+                    {"item_id": "lens", "quantity": -1},
+                ],
+            },
+        ),
+    ]
+    assert after.ledger.pending == (
+        "A1/c1:supply:consumption",
+        "A1/c1:supply:reservation",
+        "A1/c2:supply:consumption",
+        "A1/c2:supply:reservation",
+    )
+    # The same plan again changes nothing and sends nothing.
+    assert supply.KIND.decide(after, cmd("plan", plan({"lens": 1}, {"gauze": 3}), id="c3")) == (
+        Accepted()
+    )
+
+
+def test_erp_demand_sends_one_message_with_the_changed_lines() -> None:
+    def demand(*lines: tuple[str, str, int]) -> erp.Demand:
+        return erp.Demand(
+            facility_id="MAIN",
+            lines=tuple(erp.DemandLine(item_id=i, date=d, quantity=q) for i, d, q in lines),
+        )
+
+    planned = demand(("knee-kit", "2027-03-10", 1), ("gauze", "2027-03-10", 4))
+    state, first = accept(erp.KIND, erp.initial("A1"), cmd("demand", planned))
+    assert [e.payload["lines"] for e in first.effects] == [
+        [
+            {"item_id": "gauze", "date": "2027-03-10", "quantity": 4},
+            {"item_id": "knee-kit", "date": "2027-03-10", "quantity": 1},
+        ]
+    ]
+    moved = demand(
+        ("gauze", "2027-03-10", 4), ("lens", "2027-03-20", 2), ("knee-kit", "2027-03-20", 1)
+    )
+    after, decision = accept(erp.KIND, state, cmd("demand", moved, id="c2"))
+    [effect] = decision.effects
+    assert (effect.target, effect.name, effect.key) == (
+        Downstream("erp", "A1"),
+        "demand",
+        "A1/c2:erp:demand",
+    )
+    assert effect.payload == {  # gauze unchanged: no line
+        "facility_id": "MAIN",
+        "appointment_id": "A1",
+        "lines": [
+            {"item_id": "knee-kit", "date": "2027-03-10", "quantity": -1},
+            {"item_id": "knee-kit", "date": "2027-03-20", "quantity": 1},
+            {"item_id": "lens", "date": "2027-03-20", "quantity": 2},
+        ],
+    }
+    [event] = decision.events
+    assert isinstance(event, erp.DemandSet)
+    assert event.keys == ("A1/c2:erp:demand",)
+    assert after.ledger.pending == ("A1/c1:erp:demand", "A1/c2:erp:demand")
+    # Nothing changed: no event, no message.
+    assert erp.KIND.decide(after, cmd("demand", moved, id="c3")) == Accepted()
 
 
 def test_rebooking_a_cancelled_appointment_is_accepted_and_plans_again() -> None:

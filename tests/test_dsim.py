@@ -31,6 +31,7 @@ from workflow_network import Network
 from caresync.actors import Accepted, Command, Registry, default_registry
 from caresync.actors import appointment as appointment_actor
 from caresync.actors import billing as billing_actor
+from caresync.actors import erp as erp_actor
 from caresync.actors import item as item_actor
 from caresync.actors import purchasing as purchasing_actor
 from caresync.actors import supply as supply_actor
@@ -182,6 +183,36 @@ def test_the_checker_catches_reservations_left_behind_after_consumption() -> Non
 
     broken = dataclasses.replace(supply_actor.KIND, decide=keeps_leftovers)
     assert "booked cards say" in _first_violation(_registry(supply=broken))
+
+
+def _with_lines(decision: Any, name: str, change: Any) -> Any:
+    """The decision with ``change(lines)`` as the lines of its ``name`` effects."""
+    if not isinstance(decision, Accepted):
+        return decision
+    effects = tuple(
+        msgspec.structs.replace(e, payload={**e.payload, "lines": change(e.payload["lines"])})
+        if e.name == name
+        else e
+        for e in decision.effects
+    )
+    return Accepted(events=decision.events, effects=effects)
+
+
+def test_the_checker_catches_demand_lines_out_of_order() -> None:
+    def reversed_lines(state: Any, command: Command[Any]) -> Any:
+        return _with_lines(erp_actor.decide(state, command), "demand", lambda x: x[::-1])
+
+    broken = dataclasses.replace(erp_actor.KIND, decide=reversed_lines)
+    assert "lines out of contract" in _first_violation(_registry(erp=broken))
+
+
+def test_the_checker_catches_a_reservation_line_the_supply_system_never_hears() -> None:
+    def first_line_only(state: Any, command: Command[Any]) -> Any:
+        return _with_lines(supply_actor.decide(state, command), "reservation", lambda x: x[:1])
+
+    broken = dataclasses.replace(supply_actor.KIND, decide=first_line_only)
+    message = _first_violation(_registry(supply=broken)).splitlines()[0]
+    assert "do not add up" in message
 
 
 def test_the_checker_catches_a_purchasing_actor_that_sends_a_po_twice() -> None:

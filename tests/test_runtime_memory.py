@@ -84,16 +84,16 @@ class Fanout:
 
 
 # book: appointment → supply (plan), erp (demand), billing (update), its procedure (update);
-# supply → one item actor per card line (reserve) and a supply reservation each; erp → a
-# demand line per item; billing → readiness.
-BOOK = Fanout(accepted=1 + 4 + len(CARD), internal=4 + len(CARD), downstream=2 * len(CARD) + 1)
+# supply → one item actor per card line (reserve) and one supply reservation with a line each;
+# erp → one demand with a line per item; billing → readiness.
+BOOK = Fanout(accepted=1 + 4 + len(CARD), internal=4 + len(CARD), downstream=3)
 # Another day at the same facility: reservations and billing view unchanged, so only ERP hears
-# of it, and moves each demand line (minus on the old day, plus on the new).
-RESCHEDULE = Fanout(accepted=1 + 1, internal=1, downstream=2 * len(CARD))
+# of it: one demand moving each line (minus on the old day, plus on the new).
+RESCHEDULE = Fanout(accepted=1 + 1, internal=1, downstream=1)
 # A procedure charge line (no supply charge code): nothing consumed, the case is performed, so
-# what stayed reserved is released (supply → each item actor, a negative reservation each) and
-# its demand reversed; billing is told of the new line, the procedure that it was performed.
-CHARGES = Fanout(accepted=1 + 4 + len(CARD), internal=4 + len(CARD), downstream=2 * len(CARD) + 1)
+# what stayed reserved is released (supply → each item actor; one reservation, negative lines)
+# and its demand reversed; billing is told of the new line, the procedure that it was performed.
+CHARGES = Fanout(accepted=1 + 4 + len(CARD), internal=4 + len(CARD), downstream=3)
 LIFECYCLE = BOOK + RESCHEDULE * 3 + CHARGES
 
 
@@ -345,9 +345,9 @@ async def check_lifecycles_done(
             {k.split(":")[2] for k in s.ledger.pending},
         )
         for a, s in supplies.items()
-    } == {a: ({}, {}, 2 * len(CARD), f) for a, f in at.items()}  # per item: reserved, released
+    } == {a: ({}, {}, 2, f) for a, f in at.items()}  # the card reserved, then released
     erps = await states(store, "erp", ErpState)
-    wanted = len(CARD) * (1 + 2 * 3 + 1)  # per item: planned, moved 3 times (-old +new), reversed
+    wanted = 1 + 3 + 1  # the card planned, moved 3 times (-old +new in one), reversed
     assert {
         a: (e.demand, e.ledger.wanted, {k.split(":")[2] for k in e.ledger.pending})
         for a, e in erps.items()

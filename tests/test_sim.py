@@ -123,6 +123,24 @@ def po(po_id: str, quantity: int = 40) -> dict[str, Any]:
     }
 
 
+def demand(*lines: tuple[str, str, int]) -> dict[str, Any]:
+    """An ERP demand request: (item, date, quantity) lines at MAIN."""
+    return {
+        "facility_id": "MAIN",
+        "appointment_id": "A1",
+        "lines": [{"item_id": i, "date": d, "quantity": q} for i, d, q in lines],
+    }
+
+
+def stock_move(*lines: tuple[str, int]) -> dict[str, Any]:
+    """A supply reservation or consumption request: (item, quantity) lines at F."""
+    return {
+        "facility_id": "F",
+        "appointment_id": "A1",
+        "lines": [{"item_id": i, "quantity": q} for i, q in lines],
+    }
+
+
 async def capture_inputs(sim: Sim) -> str:
     """A stream storing what the simulators send to the router's input subjects."""
     js = sim.nc.jetstream()
@@ -196,7 +214,7 @@ async def test_different_keys_make_records_numbered_per_system_and_kind(sim: Sim
         (await sim.call("erp", "purchase_order", po("po-1"), key="a"))["reference"],
         (await sim.call("erp", "purchase_order", po("po-2"), key="b"))["reference"],
         (await sim.call("billing", "charge", charge, key="a"))["reference"],
-        (await sim.call("erp", "demand", {**po("x"), "date": "2027-01-02"}, key="c"))["reference"],
+        (await sim.call("erp", "demand", demand(("x", "2027-01-02", 4)), key="c"))["reference"],
     ]
     assert refs == ["PO-000001", "PO-000002", "CHG-000001", "DMD-000001"]
     assert len(sim.rows("erp", "purchase_order")) == 2
@@ -267,13 +285,11 @@ async def test_down_refuses_then_recovers_by_itself(sim: Sim) -> None:
 async def test_heal_ends_down_at_once(sim: Sim) -> None:
     await sim.control("fail", {"system": "supply", "for_s": 600, "mode": "down"})
     with pytest.raises(nats.errors.NoRespondersError):
-        await sim.call("supply", "reservation", {"facility_id": "F", "item_id": "i", "quantity": 2})
+        await sim.call("supply", "reservation", stock_move(("i", 2)))
     healed = await sim.control("heal", {"system": "supply"})
     assert healed["healed"] is True
     assert healed["fault"]["mode"] == "down"
-    ok = await sim.call(
-        "supply", "reservation", {"facility_id": "F", "item_id": "i", "quantity": -2}
-    )
+    ok = await sim.call("supply", "reservation", stock_move(("i", -2), ("j", 1)))
     assert ok["reference"] == "RES-000001"
 
 
@@ -363,7 +379,7 @@ async def test_hostile_input_gets_error_replies_and_the_simulator_keeps_running(
     await rejected(await sim.call("erp", "a.b.c", {}), "unknown operation")
     await rejected(await sim.call("erp", "purchase_order", po("p"), key="k" * 300), "longer")
     # A key already used for another operation is not a duplicate of it.
-    await sim.call("erp", "demand", {**po("x"), "date": "2027-01-02"}, key="shared")
+    await sim.call("erp", "demand", demand(("x", "2027-01-02", 4)), key="shared")
     await rejected(await sim.call("erp", "posting", {}, key="shared"), "invalid data")
     posting = {"facility_id": "F", "cost_center": "CC1", "amount": 3}
     await rejected(await sim.call("erp", "posting", posting, key="shared"), "already used")
@@ -378,6 +394,54 @@ async def test_hostile_input_gets_error_replies_and_the_simulator_keeps_running(
     assert ok["outcome"] == "created"
     report = await sim.control("report", {})
     assert report["systems"]["erp"]["operations"]["frobnicate"]["errors"] == 1
+
+
+async def test_demand_and_stock_moves_need_lines_each_complete(sim: Sim) -> None:
+    async def rejected(operation: str, data: dict[str, Any], *words: str) -> None:
+        system = "erp" if operation == "demand" else "supply"
+        reply = await sim.call(system, operation, data)
+        assert reply["transient"] is False, reply
+        for word in ("invalid data", *words):
+            assert word in reply["error"], reply
+
+    ok = demand(("gauze", "2027-01-02", 4), ("knee-kit", "2027-01-02", -1))
+    for operation in ("reservation", "consumption"):
+        move = stock_move(("gauze", 4), ("knee-kit", -1))
+        await rejected(operation, {k: v for k, v in move.items() if k != "lines"}, "lines")
+        await rejected(operation, {**move, "lines": []}, "length >= 1", "$.lines")
+        await rejected(operation, {**move, "lines": [{"quantity": 1}]}, "item_id", "$.lines[0]")
+        await rejected(
+            operation, {**move, "lines": [{"item_id": "", "quantity": 1}]}, "$.lines[0].item_id"
+        )
+        await rejected(
+            operation,
+            {**move, "lines": [*move["lines"], {"item_id": "x", "quantity": "2"}]},
+            "float",
+            "$.lines[2].quantity",
+        )
+        await rejected(operation, {**move, "lines": {"item_id": "x"}}, "array", "$.lines")
+        await rejected(operation, {**move, "facility_id": ""}, "$.facility_id")
+        # The old one-item shape is not a stock move any more.
+        await rejected(operation, {"facility_id": "F", "item_id": "i", "quantity": 2}, "lines")
+    await rejected("demand", {**ok, "lines": []}, "length >= 1")
+    await rejected("demand", {**ok, "lines": [{"item_id": "g", "quantity": 1}]}, "date")
+    await rejected(
+        "demand", {**ok, "lines": [{"item_id": "g", "date": "d", "quantity": None}]}, "quantity"
+    )
+    await rejected(
+        "demand", {"facility_id": "MAIN", "item_id": "g", "date": "d", "quantity": 1}, "lines"
+    )
+    assert sim.rows("erp") == []
+    assert sim.rows("supply") == []
+
+    created = await sim.call("erp", "demand", ok, key="d1")
+    assert (created["outcome"], created["reference"]) == ("created", "DMD-000001")
+    assert [orjson.loads(r["data"]) for r in sim.rows("erp")] == [ok]  # stored whole
+    for n, operation in enumerate(("reservation", "consumption")):
+        move = stock_move(("gauze", 4), ("knee-kit", -1))
+        reply = await sim.call("supply", operation, move, key=f"m{n}")
+        assert reply["outcome"] == "created", reply
+    assert [orjson.loads(r["data"]) for r in sim.rows("supply")] == [move, move]
 
 
 # -- feedback to caresync -------------------------------------------------------------------

@@ -106,7 +106,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "consumed": [{"item_id": "gauze", "quantity": 2}],
     },
     "supply.downstream_ack": {
-        "effect_key": "A1/c-plan:gauze:reservation",
+        "effect_key": "A1/A1/c-plan:supply:F1:supply:reservation",
         "system": "supply",
         "operation": "reservation",
         "outcome": "failed",
@@ -132,7 +132,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "cost_center": "CC1",
     },
     "erp.downstream_ack": {
-        "effect_key": "A1/c-demand:erp:demand:gauze:2026-12-02",
+        "effect_key": "A1/A1/c-demand:erp:F1:erp:demand",
         "system": "erp",
         "operation": "demand",
         "outcome": "duplicate",

@@ -65,13 +65,39 @@ def test_booking_reserves_the_card_plans_demand_and_evaluates_readiness() -> Non
         ("knee-kit", "2027-03-10", 1),
     ]
     assert net.state("supply", "A1").reservations == {"MAIN": {"gauze": 4, "knee-kit": 1}}
-    assert [e.payload["quantity"] for e in net.sent("supply", "reservation")] == [4, 1]
+    # One message per system and operation, a line per item (or item and date).
+    assert [(e.key, e.payload) for e in net.sent("supply", "reservation")] == [
+        (
+            "A1/A1/b1:supply:MAIN:supply:reservation",
+            {
+                "facility_id": "MAIN",
+                "appointment_id": "A1",
+                "lines": [
+                    {"item_id": "gauze", "quantity": 4},
+                    {"item_id": "knee-kit", "quantity": 1},
+                ],
+            },
+        )
+    ]
     assert {e.target for e in net.sent("supply") + net.sent("erp")} == {
         Downstream("supply", "A1"),
         Downstream("erp", "A1"),
     }
     assert [e.payload["readiness"] for e in net.sent("billing", "readiness")] == ["ready"]
-    assert len(net.sent("erp", "demand")) == 2
+    assert [(e.key, e.payload) for e in net.sent("erp", "demand")] == [
+        (
+            "A1/A1/b1:erp:MAIN:erp:demand",
+            {
+                "facility_id": "MAIN",
+                "appointment_id": "A1",
+                "lines": [
+                    {"item_id": "gauze", "date": "2027-03-10", "quantity": 4},
+                    {"item_id": "knee-kit", "date": "2027-03-10", "quantity": 1},
+                ],
+            },
+        )
+    ]
+    assert net.state("erp", "A1").ledger.pending == ("A1/A1/b1:erp:MAIN:erp:demand",)
 
 
 def test_a_provider_specific_card_wins_over_the_general_one() -> None:
@@ -113,11 +139,17 @@ def test_reschedule_moves_reservations_and_demand_to_the_new_date_and_facility()
     assert {d.date for d in net.state("erp", "A1").demand["NORTH"]} == {"2027-03-20"}
     assert net.state("supply", "A1").reservations == {"NORTH": {"gauze": 4, "knee-kit": 1}}
     main_demand = [
-        e.payload["quantity"]
-        for e in net.sent("erp", "demand")
-        if e.payload["facility_id"] == "MAIN"
+        (line["item_id"], line["date"], line["quantity"])
+        for line in net.lines("erp", "demand")
+        if line["facility_id"] == "MAIN"
     ]
-    assert sum(main_demand) == 0  # planned, then reversed
+    assert main_demand == [  # planned, then reversed
+        ("gauze", "2027-03-10", 4),
+        ("knee-kit", "2027-03-10", 1),
+        ("gauze", "2027-03-10", -4),
+        ("knee-kit", "2027-03-10", -1),
+    ]
+    assert len(net.sent("erp", "demand")) == 3  # booked; reversed at MAIN; planned at NORTH
 
 
 def test_a_late_older_message_does_not_overwrite_newer_state() -> None:
@@ -154,7 +186,8 @@ def test_cancel_no_show_and_delete_release_everything_and_flag_billing_reversal(
         assert net.state("erp", "A1").demand == {}
         assert net.state("supply", "A1").reservations == {}
         assert len(net.sent("billing", "reversal")) == 1
-        assert sum(e.payload["quantity"] for e in net.sent("supply", "reservation")) == 0
+        assert sum(line["quantity"] for line in net.lines("supply", "reservation")) == 0
+        assert len(net.sent("supply", "reservation")) == 2  # reserved, then released
 
 
 def test_charges_capture_billing_consume_by_charge_code_and_post_cost() -> None:
@@ -186,7 +219,7 @@ def test_charges_capture_billing_consume_by_charge_code_and_post_cost() -> None:
     assert gauze.reservations == {}  # 4 reserved, 3 consumed, the rest released once performed
     assert net.state("billing", "A1").total == 5007.5
     assert [e.payload["amount"] for e in net.sent("erp", "posting")] == ["7.50"]
-    assert [e.payload["quantity"] for e in net.sent("supply", "consumption")] == [3]
+    assert [line["quantity"] for line in net.lines("supply", "consumption")] == [3]
     # a credit reverses its charge line
     net.send(
         "appointment",
@@ -274,9 +307,10 @@ def test_the_sync_ledger_goes_pending_then_in_sync_or_failed() -> None:
     billing = net.state("billing", "A1").ledger
     assert (billing.state, billing.wanted, billing.acked) == ("in_sync", 1, 1)
     supply = net.state("supply", "A1").ledger
-    assert (supply.state, supply.wanted, supply.acked) == ("in_sync", 2, 2)
+    # One reservation for the card's two items, one demand for their two lines.
+    assert (supply.state, supply.wanted, supply.acked) == ("in_sync", 1, 1)
     erp = net.state("erp", "A1").ledger
-    assert (erp.state, erp.wanted, erp.acked) == ("in_sync", 2, 2)
+    assert (erp.state, erp.wanted, erp.acked) == ("in_sync", 1, 1)
     net.downstream.clear()
     net.send("appointment", "A1", "cancel", {}, id="c1")
     for effect in net.sent("billing"):

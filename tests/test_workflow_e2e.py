@@ -206,20 +206,29 @@ class Cli:
             if r.data.get("appointment_id") == appointment
         ]
 
+    def lines(self, appointment: str, system: str, operation: str) -> list[dict[str, Any]]:
+        """The lines of an appointment's records of one operation, oldest first, each with the
+        ``facility_id`` of its record; each record's lines are checked to be sorted."""
+        out: list[dict[str, Any]] = []
+        for r in self.of(appointment, system, operation):
+            order = [(line["item_id"], line.get("date", "")) for line in r.data["lines"]]
+            assert order, r
+            assert order == sorted(set(order)), r
+            out.extend({"facility_id": r.data["facility_id"], **line} for line in r.data["lines"])
+        return out
+
     def net_supply(self, appointment: str) -> dict[tuple[str, str], int]:
         """Supply system's reservations of an appointment, net per (facility, item)."""
         net: Counter[tuple[str, str]] = Counter()
-        for r in self.of(appointment, "supply", "reservation"):
-            net[(r.data["facility_id"], r.data["item_id"])] += int(r.data["quantity"])
+        for line in self.lines(appointment, "supply", "reservation"):
+            net[(line["facility_id"], line["item_id"])] += int(line["quantity"])
         return {k: v for k, v in net.items() if v}
 
     def net_demand(self, appointment: str) -> dict[tuple[str, str, str], int]:
         """ERP demand of an appointment, net per (facility, item, date)."""
         net: Counter[tuple[str, str, str]] = Counter()
-        for r in self.of(appointment, "erp", "demand"):
-            net[(r.data["facility_id"], r.data["item_id"], r.data["date"])] += int(
-                r.data["quantity"]
-            )
+        for line in self.lines(appointment, "erp", "demand"):
+            net[(line["facility_id"], line["item_id"], line["date"])] += int(line["quantity"])
         return {k: v for k, v in net.items() if v}
 
     async def load_demo(self) -> None:
@@ -309,6 +318,12 @@ async def test_core_scenario_book_reschedule_cancel_close_charge_feedback(
     # ...and what the systems themselves hold.
     assert cs.net_supply("A1") == {("MAIN-OR", i): q for i, q in general.items()}
     assert cs.net_demand("A1") == {("MAIN-OR", i, "2027-03-01"): q for i, q in general.items()}
+    # One record per system and operation for the booking, whatever the card's size.
+    assert len(general) > 1
+    assert [r.key for r in cs.of("A1", "supply", "reservation")] == [
+        "A1/A1/book-A1:supply:MAIN-OR:supply:reservation"
+    ]
+    assert [r.key for r in cs.of("A1", "erp", "demand")] == ["A1/A1/book-A1:erp:MAIN-OR:erp:demand"]
     [ready] = cs.of("A1", "billing", "readiness")
     assert ready.data["readiness"] == "pending_authorization"
     assert ready.data["payer_id"] == "NORTHWIND-HMO"
@@ -341,17 +356,17 @@ async def test_core_scenario_book_reschedule_cancel_close_charge_feedback(
         "the supply system to hold A1 at ASC-NORTH only",
     )
     kit_moves = sorted(
-        (r.data["facility_id"], r.data["quantity"])
-        for r in cs.of("A1", "supply", "reservation")
-        if r.data["item_id"] == "KNEE-KIT"
+        (line["facility_id"], line["quantity"])
+        for line in cs.lines("A1", "supply", "reservation")
+        if line["item_id"] == "KNEE-KIT"
     )
     assert kit_moves == [("ASC-NORTH", 1), ("MAIN-OR", -1), ("MAIN-OR", 1)]
     # ERP demand reversed at the old facility and date, re-added at the new.
     assert cs.net_demand("A1") == {("ASC-NORTH", i, "2027-03-08"): q for i, q in general.items()}
     cement = sorted(
-        (r.data["facility_id"], r.data["date"], r.data["quantity"])
-        for r in cs.of("A1", "erp", "demand")
-        if r.data["item_id"] == "BONE-CEMENT"
+        (line["facility_id"], line["date"], line["quantity"])
+        for line in cs.lines("A1", "erp", "demand")
+        if line["item_id"] == "BONE-CEMENT"
     )
     assert cement == [
         ("ASC-NORTH", "2027-03-08", 2),
@@ -470,7 +485,8 @@ async def test_core_scenario_book_reschedule_cancel_close_charge_feedback(
     cement_item = await cs.view("item", "BONE-CEMENT@MAIN-OR")
     assert cement_item is not None
     assert (cement_item["on_hand"], cement_item["reserved"]) == (8, 0)
-    consumed = {r.data["item_id"]: r.data["quantity"] for r in cs.of("A4", "supply", "consumption")}
+    [consumption] = cs.of("A4", "supply", "consumption")
+    consumed = {line["item_id"]: line["quantity"] for line in consumption.data["lines"]}
     assert consumed == used
     assert sorted(r.data["line_id"] for r in cs.of("A4", "billing", "charge")) == ["1", "2", "3"]
     # The ERP holds a posting per consumed item: quantity x unit cost, to the cost center.
@@ -614,7 +630,7 @@ async def test_billing_outage_supply_and_erp_go_on_and_billing_catches_up_once(
         expected = card(procedure) if appointment != "B1" else {}
         assert held == {(facility, i): q for i, q in expected.items()}, appointment
     [consumption] = cs.of("B1", "supply", "consumption")
-    assert consumption.data["item_id"] == "KNEE-KIT"
+    assert [line["item_id"] for line in consumption.data["lines"]] == ["KNEE-KIT"]
     assert [r.data["item_id"] for r in cs.of("B1", "erp", "posting")] == ["KNEE-KIT"]
     assert cs.records("billing") == []
 

@@ -205,3 +205,12 @@ class Network:
             and e.target.system == system
             and (operation is None or e.name == operation)
         ]
+
+    def lines(self, system: str, operation: str) -> list[dict[str, Any]]:
+        """The lines of every ``operation`` message sent to ``system``, in order, each with
+        the ``facility_id`` of its message."""
+        return [
+            {"facility_id": e.payload["facility_id"], **line}
+            for e in self.sent(system, operation)
+            for line in e.payload["lines"]
+        ]
