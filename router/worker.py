@@ -217,6 +217,10 @@ class PartitionWorker:
         self._uncommitted_applied: dict[int, list[tuple[str, str, str]]] = {}
         """Dedupe keys of applied batches not yet committed (the store does not have them)."""
         self._uncommitted_keys: set[tuple[str, str, str]] = set()
+        """Every key of ``_uncommitted_applied``, plus those of batches committed since the
+        last dedupe read began (see :meth:`_forget_committed_keys`)."""
+        self._committed_keys: list[list[tuple[str, str, str]]] = []
+        """Keys of batches committed since then: still in ``_uncommitted_keys``."""
 
     @property
     def live_actors(self) -> int:
@@ -484,6 +488,18 @@ class PartitionWorker:
             await reader.close()
         return self._last_seq - start
 
+    def _forget_committed_keys(self) -> None:
+        """Drop from memory the dedupe keys of batches committed by now, just before a dedupe
+        read of the store: that read sees them.
+
+        Not when the commit lands: a read already running may have begun before it, and
+        would see the keys in neither place (a duplicate applied again).  Keys committed
+        while a read runs stay in memory until the next one begins.
+        """
+        for keys in self._committed_keys:
+            self._uncommitted_keys.difference_update(keys)
+        self._committed_keys.clear()
+
     # -- one batch ------------------------------------------------------------------------------
     async def apply_batch(self, batch: list[Inbound]) -> BatchWrite:
         """Run a batch through the actors; return everything it changes (not yet committed)."""
@@ -515,6 +531,7 @@ class PartitionWorker:
                 missing.add(p.key)
         if not prepared:
             return write
+        self._forget_committed_keys()
         done_before = await self._store.applied_among(
             [(p.kind.name, p.command.entity, p.command.id) for p in prepared]
         )
@@ -656,7 +673,7 @@ class PartitionWorker:
                 self.stats.add(stats)
                 done = self._batch_no if batch_no is None else batch_no
                 for no in [n for n in self._uncommitted_applied if n <= done]:
-                    self._uncommitted_keys.difference_update(self._uncommitted_applied.pop(no))
+                    self._committed_keys.append(self._uncommitted_applied.pop(no))
                 self._committed_no = max(self._committed_no, done)
                 self._commit_progress.set()
                 self._commit_progress = anyio.Event()
