@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -15,6 +15,7 @@ import aiosqlite
 import anyio
 import orjson
 
+from caresync.store.batch_write import write_batch
 from caresync.store.errors import StoreError, StoreSchemaError, map_sqlite_error
 from caresync.store.ingest import IngestLog
 from caresync.store.records import BatchWrite, EntityRow, ParkedRow, PendingEffect
@@ -27,10 +28,6 @@ _CHUNK = 500
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def _dump_headers(headers: dict[str, str] | None) -> bytes | None:
-    return orjson.dumps(headers) if headers else None
 
 
 def _load_headers(raw: bytes | None) -> dict[str, str] | None:
@@ -276,120 +273,26 @@ class Store:
     async def _commit_locked(
         self, conn: aiosqlite.Connection, write: BatchWrite
     ) -> tuple[int, int] | None:
-        inserted: tuple[int, int] | None = None
+        run_on_thread: Callable[..., Awaitable[Any]] = conn._execute
         try:
             try:
                 # Inside the guard: a cancellation while waiting for the lock must not leave
                 # the shared connection in an open transaction.
                 await conn.execute("BEGIN IMMEDIATE")
-                if write.entities:
-                    await conn.executemany(
-                        "INSERT INTO entities (kind, id, state, parked, seq) "
-                        "VALUES (?, ?, ?, ?, ?) "
-                        "ON CONFLICT (kind, id) DO UPDATE SET state = excluded.state, "
-                        "parked = excluded.parked, seq = excluded.seq",
-                        [(r.kind, r.id, r.state, int(r.parked), r.seq) for r in write.entities],
-                    )
-                if write.applied:
-                    await conn.executemany(
-                        "INSERT INTO applied "
-                        "(command_id, kind, entity, seq, outcome, reason, applied_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        [
-                            (
-                                a.command_id,
-                                a.kind,
-                                a.entity,
-                                a.seq,
-                                a.outcome,
-                                a.reason,
-                                a.applied_at,
-                            )
-                            for a in write.applied
-                        ],
-                    )
-                if write.outbox:
-                    now = time.time()
-                    before = await _last_outbox_seq(conn)
-                    await conn.executemany(
-                        "INSERT INTO outbox "
-                        "(key, subject, payload, headers, created_at, status, sent_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                        [
-                            (
-                                o.key,
-                                o.subject,
-                                o.payload,
-                                _dump_headers(o.headers),
-                                now,
-                                "sent" if o.sent else "pending",
-                                now if o.sent else None,
-                            )
-                            for o in write.outbox
-                        ],
-                    )
-                    after = await _last_outbox_seq(conn)
-                    if after > before:
-                        inserted = (before + 1, after)
-                if write.parked:
-                    await conn.executemany(
-                        "INSERT INTO parked (kind, id, stream, seq, command_id, subject, "
-                        "data, headers, reason, failures, parked_at, timestamp_ns) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        [
-                            (
-                                p.kind,
-                                p.id,
-                                p.stream,
-                                p.seq,
-                                p.command_id,
-                                p.subject,
-                                p.data,
-                                _dump_headers(p.headers),
-                                p.reason,
-                                p.failures,
-                                p.parked_at,
-                                p.timestamp_ns,
-                            )
-                            for p in write.parked
-                        ],
-                    )
-                if write.released:
-                    await conn.executemany(
-                        "DELETE FROM parked WHERE kind = ? AND id = ? AND stream = ? AND seq = ?",
-                        write.released,
-                    )
-                if write.sent_ranges:
-                    await conn.executemany(
-                        "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1 "
-                        "WHERE seq BETWEEN ? AND ? AND status = 'pending'",
-                        [(at, first, last) for first, last, at in write.sent_ranges],
-                    )
-                if write.sent:
-                    await conn.executemany(
-                        "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1 "
-                        "WHERE key = ?",
-                        [(at, key) for key, at in write.sent],
-                    )
-                if write.failed:
-                    await conn.executemany(
-                        "UPDATE outbox SET status = 'failed', error = ?, attempts = attempts + 1 "
-                        "WHERE key = ?",
-                        [(err, key) for key, err in write.failed],
-                    )
-                if write.offsets:
-                    await conn.executemany(
-                        "INSERT INTO offsets (stream, seq) VALUES (?, ?) "
-                        "ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)",
-                        list(write.offsets.items()),
-                    )
-                await conn.execute("COMMIT")
             except BaseException:
                 await _rollback(conn)
                 raise
+            # Then the writes and the commit in one call on the connection's thread (one
+            # hand-off instead of one per statement; aiosqlite's ``_execute`` is how its own
+            # methods run there, with no public equivalent), shielded: once handed over it
+            # commits or rolls back by itself, so the connection never stays in a transaction.
+            with anyio.CancelScope(shield=True):
+                result: tuple[int, int] | None = await run_on_thread(
+                    lambda: write_batch(conn._conn, write)
+                )
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "committing a batch") from exc
-        return inserted
+        return result
 
     # -- reads for start-up, the CLI and tests ---------------------------------------------------
     async def offset(self, stream: str) -> int:
@@ -667,12 +570,6 @@ class Store:
         for system, outcome, n in rows:
             counts.setdefault(str(system), {})[str(outcome)] = int(n)
         return counts
-
-
-async def _last_outbox_seq(conn: aiosqlite.Connection) -> int:
-    async with conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'") as cur:
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
