@@ -14,10 +14,15 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
 from caresync.store.records import BatchWrite
+
+_MAX_VARIABLES = 32_766
+"""Bound parameters per statement: SQLite's default limit since 3.32 (older builds: 999)."""
 
 
 def _dump_headers(headers: dict[str, str] | None) -> bytes | None:
@@ -35,18 +40,18 @@ def write_batch(conn: sqlite3.Connection, write: BatchWrite) -> tuple[int, int] 
     inserted: tuple[int, int] | None = None
     try:
         if write.entities:
-            conn.executemany(
-                "INSERT INTO entities (kind, id, state, parked, seq) "
-                "VALUES (?, ?, ?, ?, ?) "
+            _insert_rows(
+                conn,
+                "INSERT INTO entities (kind, id, state, parked, seq)",
                 "ON CONFLICT (kind, id) DO UPDATE SET state = excluded.state, "
                 "parked = excluded.parked, seq = excluded.seq",
                 [(r.kind, r.id, r.state, int(r.parked), r.seq) for r in write.entities],
             )
         if write.applied:
-            conn.executemany(
-                "INSERT INTO applied "
-                "(command_id, kind, entity, seq, outcome, reason, applied_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            _insert_rows(
+                conn,
+                "INSERT INTO applied (command_id, kind, entity, seq, outcome, reason, applied_at)",
+                "ON CONFLICT DO NOTHING",
                 [
                     (
                         a.command_id,
@@ -63,10 +68,10 @@ def write_batch(conn: sqlite3.Connection, write: BatchWrite) -> tuple[int, int] 
         if write.outbox:
             now = time.time()
             before = _last_outbox_seq(conn)
-            conn.executemany(
-                "INSERT INTO outbox "
-                "(key, subject, payload, headers, created_at, status, sent_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+            _insert_rows(
+                conn,
+                "INSERT INTO outbox (key, subject, payload, headers, created_at, status, sent_at)",
+                "ON CONFLICT (key) DO NOTHING",
                 [
                     (
                         o.key,
@@ -84,10 +89,11 @@ def write_batch(conn: sqlite3.Connection, write: BatchWrite) -> tuple[int, int] 
             if after > before:
                 inserted = (before + 1, after)
         if write.parked:
-            conn.executemany(
+            _insert_rows(
+                conn,
                 "INSERT INTO parked (kind, id, stream, seq, command_id, subject, "
-                "data, headers, reason, failures, parked_at, timestamp_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "data, headers, reason, failures, parked_at, timestamp_ns)",
+                "ON CONFLICT DO NOTHING",
                 [
                     (
                         p.kind,
@@ -140,6 +146,24 @@ def write_batch(conn: sqlite3.Connection, write: BatchWrite) -> tuple[int, int] 
         _rollback(conn)
         raise
     return inserted
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, insert: str, conflict: str, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """``insert VALUES (...), (...), ... conflict``: many rows per statement.
+
+    ``executemany`` steps the statement once per row, and CPython lets go of the GIL around
+    every step; with the router's main thread busy, getting it back waits for the switch
+    interval, so a batch of ~1,500 rows took ~30 ms under load against ~10 ms alone.  One
+    statement per few thousand rows hands the GIL over a few times per batch.
+    """
+    per_statement = max(1, _MAX_VARIABLES // len(rows[0]))
+    row = "(" + ", ".join("?" * len(rows[0])) + ")"
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        values = ", ".join([row] * len(chunk))
+        conn.execute(f"{insert} VALUES {values} {conflict}", [v for r in chunk for v in r])
 
 
 def _last_outbox_seq(conn: sqlite3.Connection) -> int:
