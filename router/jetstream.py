@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
+from caresync.router.pubacks import PubAcks
 from caresync.router.transport import Inbound, Outbound, PublishResult, PublishStatus
 
 log = structlog.get_logger("caresync.jetstream")
@@ -229,7 +230,8 @@ class JetStreamTransport:
         max_ack_pending: int = 10_000,
     ) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(publish_async_max_pending=100_000)
+        self.js: JetStreamContext = nc.jetstream()
+        self._pubacks = PubAcks(nc)
         self._batch = batch
         self._expires_s = expires_s
         self._ack_wait_s = ack_wait_s
@@ -309,21 +311,26 @@ class JetStreamTransport:
             delay_s = min(delay_s * 2, _API_RETRY_MAX_S)
 
     async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
-        """publish_async every message, then wait for the PubAcks up to ``timeout_s``.
+        """Publish every message, then wait for the PubAcks up to ``timeout_s``.
 
-        nats-py's futures never time out (after a disconnect they never resolve), hence the
-        deadline; what did not resolve in time is RETRY and is sent again with the same Msg-Id.
+        After a disconnect a PubAck never comes, hence the deadline; what did not resolve in
+        time is RETRY and is sent again with the same Msg-Id.
         """
         futures: list[asyncio.Future[api.PubAck] | None] = []
+        tokens: list[str] = []
         errors: dict[int, PublishResult] = {}
         for i, m in enumerate(messages):
             # nats-py mutates the headers dict it is given: always hand it a fresh one.
             headers: dict[str, Any] = {**(m.headers or {}), _MSG_ID: m.key}
             try:
-                futures.append(await self.js.publish_async(m.subject, m.payload, headers=headers))
+                token, future = await self._pubacks.publish(m.subject, m.payload, headers)
             except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
                 futures.append(None)
+                tokens.append("")
                 errors[i] = PublishResult(m.key, PublishStatus.RETRY, _describe(exc))
+            else:
+                futures.append(future)
+                tokens.append(token)
         pending = [f for f in futures if f is not None]
         if pending:
             await asyncio.wait(pending, timeout=timeout_s)
@@ -332,7 +339,7 @@ class JetStreamTransport:
             if fut is None:
                 results.append(errors[i])
             elif not fut.done():
-                fut.cancel()
+                self._pubacks.forget(tokens[i])
                 results.append(PublishResult(m.key, PublishStatus.RETRY, "no PubAck in time"))
             elif (failure := fut.exception()) is not None:
                 results.append(PublishResult(m.key, _classify(failure), _describe(failure)))
