@@ -63,6 +63,9 @@ class Delivery:
     prepared: Prepared
     batch: BatchTracker
     outcome: Outcome | None = None
+    error: Exception | None = None
+    """What the handler raised when :meth:`EntityActor.offer` applied it at once: the actor's
+    task supervises from there (this was the first attempt)."""
 
 
 class BatchTracker:
@@ -104,13 +107,15 @@ class Supervision:
 class EntityActor:
     """The live actor of one entity; its task is started by the partition worker.
 
-    The mailbox is a plain deque with a wake-up event that exists only while the task waits:
-    the dispatcher queues a whole batch's deliveries for an entity and wakes its task once.
+    The dispatcher applies a delivery at once when the actor is idle (:meth:`offer`); else it
+    goes to the mailbox, a plain deque with a wake-up event that exists only while the task
+    waits: a whole batch's deliveries for an entity are queued and its task woken once.
     The batch window bounds what can be queued, and the dispatcher never waits on a mailbox,
     so an entity in back-off cannot hold up the others.
     """
 
     __slots__ = (
+        "_busy",
         "_closed",
         "_mailbox",
         "_wakeup",
@@ -145,6 +150,7 @@ class EntityActor:
         self._mailbox: deque[Delivery] = deque()
         self._wakeup: anyio.Event | None = None
         self._closed = False
+        self._busy = False
 
     def deliver(self, delivery: Delivery) -> None:
         """Queue a delivery (never blocks)."""
@@ -153,6 +159,21 @@ class EntityActor:
         self._mailbox.append(delivery)
         if self._wakeup is not None:
             self._wakeup.set()
+
+    def offer(self, delivery: Delivery) -> None:
+        """Apply at once when nothing is queued or being handled here (the common case: no
+        task switch, no wake-up), else queue behind what is.  A handler that raises leaves
+        the delivery to the task, which supervises it as a first failure."""
+        if self._mailbox or self._busy:
+            self.deliver(delivery)
+            return
+        self.last_used = time.monotonic()
+        outcome = self._try(delivery.prepared)
+        if isinstance(outcome, Exception):
+            delivery.error = outcome
+            self.deliver(delivery)
+        else:
+            delivery.outcome = outcome
 
     def close(self) -> None:
         """Passivate: the task ends once the mailbox is empty."""
@@ -171,12 +192,16 @@ class EntityActor:
                 await self._wakeup.wait()
                 self._wakeup = None
             delivery = mailbox.popleft()
+            self._busy = True
             try:
-                outcome = self._try(delivery.prepared)
+                outcome = (
+                    delivery.error if delivery.error is not None else self._try(delivery.prepared)
+                )
                 if isinstance(outcome, Exception):
                     outcome = await self._supervise(delivery.prepared, outcome)
                 delivery.outcome = outcome
             finally:
+                self._busy = False
                 delivery.batch.done()
 
     def _log(self, prepared: Prepared) -> structlog.typing.FilteringBoundLogger:

@@ -550,7 +550,7 @@ class PartitionWorker:
                 continue
             seen.add(dedupe_key)
             delivery = Delivery(p, tracker)
-            self._actor(p.kind, p.command.entity, loaded).deliver(delivery)
+            self._actor(p.kind, p.command.entity, loaded).offer(delivery)
             deliveries.append(delivery)
         await tracker.wait()
         touched: dict[tuple[str, str], tuple[EntityActor, int]] = {}
