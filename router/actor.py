@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,7 @@ class EntityActor:
         "_busy",
         "_closed",
         "_mailbox",
+        "_started",
         "_wakeup",
         "batch_no",
         "entity",
@@ -125,6 +127,7 @@ class EntityActor:
         "last_used",
         "load_error",
         "parked",
+        "start_task",
         "state",
         "supervision",
     )
@@ -151,6 +154,10 @@ class EntityActor:
         self._wakeup: anyio.Event | None = None
         self._closed = False
         self._busy = False
+        self._started = False
+        self.start_task: Callable[[EntityActor], None] | None = None
+        """Starts :meth:`run` as a task; called when a first delivery has to be queued (most
+        actors are only ever offered deliveries when idle, and never need a task)."""
 
     def deliver(self, delivery: Delivery) -> None:
         """Queue a delivery (never blocks)."""
@@ -159,6 +166,11 @@ class EntityActor:
         self._mailbox.append(delivery)
         if self._wakeup is not None:
             self._wakeup.set()
+        elif not self._started:
+            self._started = True
+            if self.start_task is None:
+                raise RuntimeError(f"actor {self.kind.name}:{self.entity} has no task starter")
+            self.start_task(self)
 
     def offer(self, delivery: Delivery) -> None:
         """Apply at once when nothing is queued or being handled here (the common case: no

@@ -629,10 +629,14 @@ class PartitionWorker:
                 actor = EntityActor(kind, entity, stored.state, False, self._settings.supervision)
                 actor.load_error = f"stored state does not decode: {exc}"
         actor.batch_no = self._batch_no
+        actor.start_task = self._start_actor
         self._actors[key] = actor
-        assert self._actors_tg is not None, "actors are only created inside the pipeline"
-        self._actors_tg.start_soon(actor.run, name=f"actor {kind.name}:{entity}")
         return actor
+
+    def _start_actor(self, actor: EntityActor) -> None:
+        """Run an actor's task (once a delivery has to wait in its mailbox)."""
+        assert self._actors_tg is not None, "actors only get deliveries inside the pipeline"
+        self._actors_tg.start_soon(actor.run, name=f"actor {actor.kind.name}:{actor.entity}")
 
     def _passivate(self) -> None:
         """Drop idle actors, and the least recently used over the cap; never one whose state is
