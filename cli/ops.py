@@ -47,9 +47,15 @@ async def run_health(ctx: Context, nats_flag: str | None, timeout_s: float, as_j
         parts = health.get("partitions", [])
         live = sum(p.get("live_actors", 0) for p in parts)
         seqs = ", ".join(f"{p['stream']}@{p['last_seq']}" for p in parts)
-        print(f"ready: router at {url}, {len(parts)} partition(s) [{seqs}], {live} live actors")
+        procs = len(health.get("processes", [])) or 1
+        print(
+            f"ready: router at {url}, {procs} process(es), {len(parts)} partition(s) [{seqs}], "
+            f"{live} live actors"
+        )
     else:
-        print(f"not ready: the router at {url} is starting or stopping")
+        down = [f"process {p['group']}" for p in health.get("processes", []) if not p.get("ready")]
+        why = f" ({', '.join(down)} not ready)" if down else ""
+        print(f"not ready: the router at {url} is starting or stopping{why}")
     return 0 if health.get("ready") else 1
 
 

@@ -117,6 +117,13 @@ async def test_two_processes_share_the_work_and_a_killed_one_is_restarted(
                 assert [p["group"] for p in h["processes"]] == [0, 1]  # type: ignore[attr-defined]
                 streams = [p["stream"] for p in h["partitions"]]  # type: ignore[attr-defined]
                 assert streams == [subjects.input_stream(0), subjects.input_stream(1)]
+                env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
+                env["CARESYNC_STREAMS__SUBJECT_PREFIX"] = unique_prefix
+                cli = await anyio.run_process(
+                    [CARESYNC, "health", "--nats", srv.url], env=env, check=False
+                )
+                assert cli.returncode == 0, cli.stdout + cli.stderr
+                assert b"2 process(es), 2 partition(s)" in cli.stdout
 
                 async def accepted(n: int) -> bool:
                     parts = (await health())["partitions"]
