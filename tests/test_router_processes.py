@@ -24,10 +24,12 @@ from harness import (
 
 from caresync.cli.datadir import DataDirLock
 from caresync.cli.up import mappings_config
+from caresync.codecs import encode_envelope, make_envelope
 from caresync.config import Config, ConfigError, load_config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.processes import partitions_of
 from caresync.router.service import RouterService, open_store, subjects_for
+from caresync.store import BatchWrite, EntityRow
 
 pytestmark = pytest.mark.anyio
 
@@ -177,3 +179,52 @@ async def states_match(cfg: Config, data: Path, oracle: Expected) -> bool:
         msgspec.msgpack.decode(rows[key].state, type=type(want)) == want
         for key, want in wanted.items()
     )
+
+
+async def test_a_release_goes_to_the_process_that_runs_the_partition(
+    tmp_path: Path, unique_prefix: str
+) -> None:
+    cfg = make_config(unique_prefix, streams={"partitions": 2}, router={"processes": 2})
+    subjects = subjects_for(cfg)
+    data = tmp_path / "data"
+    ids = [f"P{i}" for i in range(8)]
+    # Stored states that do not decode: the first message to each parks its entity, in the
+    # partition (and so the process) that its id hashes to.
+    async with await open_store(cfg, data) as store:
+        rows = [EntityRow("appointment", i, b"\xc1 not msgpack", parked=False, seq=1) for i in ids]
+        await store.commit(BatchWrite(entities=rows))
+    lock = DataDirLock(data)
+    lock.acquire("the test, as caresync up")
+    try:
+        async with EmbeddedNats(tmp_path / "nats", extra_config=mappings_config(subjects)) as srv:
+            service = RouterService(cfg, nats_url=srv.url, data_dir=data)
+            async with anyio.create_task_group() as tg, client(srv.url) as nc:
+                await tg.start(service.run)
+                js = nc.jetstream()
+                for i in ids:
+                    env = make_envelope(
+                        id=f"{i}-cancel", kind="appointment.cancel", entity=i, payload={}
+                    )
+                    await js.publish(subjects.command("appointment", i), encode_envelope(env))
+
+                async def all_parked() -> bool:
+                    async with await open_store(cfg, data) as store:
+                        return all([await store.parked("appointment", i) for i in ids])
+
+                await wait_for(all_parked, what="every entity parked")
+                async with await open_store(cfg, data) as store:
+                    streams = {i: (await store.parked("appointment", i))[0].stream for i in ids}
+                assert set(streams.values()) == {subjects.input_stream(p) for p in (0, 1)}
+                for i in ids:
+                    body = msgspec.json.encode({"kind": "appointment", "id": i})
+                    reply = await nc.request(subjects.control("release"), body, timeout=30)
+                    result = msgspec.json.decode(reply.data)
+                    # Re-run where the partition runs: the state still does not decode, so it
+                    # stays parked (process 0 would have answered "no parked messages").
+                    assert result["parked"] is True, (i, streams[i], result)
+                    [message] = result["messages"]
+                    assert message["outcome"] == "parked"
+                    assert "stored state does not decode" in message["reason"]
+                service.stop()
+    finally:
+        lock.release()
