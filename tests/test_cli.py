@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import pid_alive
 
 import caresync.config
 
@@ -31,14 +32,6 @@ def wait_until(check: object, timeout_s: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def start_up(data: Path, log_path: Path) -> subprocess.Popen[str]:

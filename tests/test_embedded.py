@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
+from harness import pid_alive
 from nats.js.api import StorageType
 
 from caresync.router.embedded import (
@@ -22,14 +23,6 @@ pytestmark = pytest.mark.anyio
 
 # Generous bound so a broken start/stop fails the test instead of hanging the suite.
 TEST_DEADLINE_S = 60.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _ports_files(data_dir: Path, pid: int) -> list[Path]:
@@ -87,10 +80,10 @@ async def test_stop_terminates_process_and_is_idempotent(tmp_path: Path) -> None
         server = EmbeddedNats(tmp_path)
         await server.start()
         pid = server.pid
-        assert _pid_alive(pid)
+        assert pid_alive(pid)
         await server.stop()
         assert not server.running
-        assert not _pid_alive(pid)
+        assert not pid_alive(pid)
         await server.stop()
         await server.kill()
         assert not server.running
@@ -107,7 +100,7 @@ async def test_exit_is_shielded_from_caller_cancellation(tmp_path: Path) -> None
                 await anyio.sleep_forever()
         assert scope.cancelled_caught
         assert not server.running
-        assert not _pid_alive(pid)
+        assert not pid_alive(pid)
 
 
 async def test_restart_keeps_port_and_jetstream_data(tmp_path: Path, unique_prefix: str) -> None:
@@ -119,7 +112,7 @@ async def test_restart_keeps_port_and_jetstream_data(tmp_path: Path, unique_pref
             assert server.running
             assert server.port == port
             assert server.pid != pid
-            assert not _pid_alive(pid)
+            assert not pid_alive(pid)
             assert await _read(server.url, unique_prefix, seq) == b"durable"
             assert await _publish(server.url, unique_prefix, b"next") == seq + 1
 
@@ -131,7 +124,7 @@ async def test_kill_then_restart(tmp_path: Path, unique_prefix: str) -> None:
             seq = await _publish(server.url, unique_prefix, b"before-kill")
             await server.kill()
             assert not server.running
-            assert not _pid_alive(pid)
+            assert not pid_alive(pid)
             # SIGKILL skips cleanup, so the old ports file is still there.
             assert _ports_files(tmp_path, pid)
             await server.restart()
@@ -192,7 +185,7 @@ async def test_not_ready_in_time_kills_server(
     assert "not ready within 0.5s" in message
     assert "fake server never gets ready" in message
     assert not server.running
-    assert not _pid_alive(server.pid)
+    assert not pid_alive(server.pid)
 
 
 async def test_session_fixture_serves_jetstream(nats_url: str, unique_prefix: str) -> None:

@@ -19,6 +19,7 @@ from harness import (
     expected,
     load_refdata,
     make_config,
+    pid_alive,
     wait_for,
 )
 
@@ -77,14 +78,6 @@ def test_a_router_process_runs_only_under_caresync_up(tmp_path: Path) -> None:
     unlocked = child("--group", "1", "--parent-pid", me, *url)
     assert unlocked.returncode == 1
     assert "no `caresync up` holds" in unlocked.stderr
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_two_processes_share_the_work_and_a_killed_one_is_restarted(
