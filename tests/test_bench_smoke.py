@@ -28,11 +28,20 @@ def _caresync() -> list[str]:
     return [sys.executable, "-c", "from caresync.cli import main; main()"]
 
 
-def bench_json(tmp_path: Path, workload: str) -> dict[str, Any]:
+def bench_json(tmp_path: Path, workload: str, *extra: str) -> dict[str, Any]:
     """``caresync bench WORKLOAD --quick --json``: exit 0 and exactly one JSON object on stdout."""
     try:
         result = subprocess.run(
-            [*_caresync(), "bench", workload, "--quick", "--json", "--data-dir", str(tmp_path)],
+            [
+                *_caresync(),
+                "bench",
+                workload,
+                "--quick",
+                "--json",
+                "--data-dir",
+                str(tmp_path),
+                *extra,
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -114,6 +123,19 @@ def test_bench_fanout_quick_json(tmp_path: Path) -> None:
     assert doc["checks"]["missing"] == 0
     assert doc["checks"]["internal_in_stream"] == doc["checks"]["internal_expected"] > 0
     assert doc["checks"]["stock_commands"] > 0
+
+
+def test_bench_fanout_in_two_router_processes_is_exactly_once(tmp_path: Path) -> None:
+    """Two processes on two partitions sharing the store: same exactly-once checks."""
+    doc = bench_json(tmp_path, "fanout", "--processes", "2")
+    router = doc["conditions"]["router"]
+    assert (router["processes"], router["partitions"]) == (2, 2)
+    assert doc["exactly_once"] is True, doc["checks"]
+    checks = doc["checks"]
+    assert checks["applied_rows"] == checks["expected_rows"] > 0
+    assert checks["downstream_in_stream"] == checks["downstream_distinct_msg_ids"] > 0
+    assert checks["outbox_not_sent"] == 0
+    assert doc["caresync_cpu_cores"]["router"] > 0
 
 
 def test_bench_latency_quick_json(tmp_path: Path) -> None:
