@@ -102,9 +102,8 @@ class ProcessGroup:
         self._ready_timeout_s = ready_timeout_s
         self._shutdown_timeout_s = shutdown_timeout_s
         self.children = [_Child(group) for group in range(1, processes)]
-        self._stopping = False
         self._stopped = anyio.Event()
-        self._stop_requested = anyio.Event()
+        self._stopping = anyio.Event()
         self._owner = {subjects.input_stream(p): p % processes for p in range(subjects.partitions)}
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -128,7 +127,7 @@ class ProcessGroup:
                 task_status.started()
         except BaseException:
             # Failed to start, or cancelled: no process may outlive this one's control.
-            self._stopping = True
+            self._stopping.set()
             with anyio.CancelScope(shield=True):
                 await self._kill_all()
             raise
@@ -174,7 +173,7 @@ class ProcessGroup:
         child.last_exit = await process.wait()
         child.ready = False
         child.started.set()
-        if self._stopping:
+        if self._stopping.is_set():
             return
         child.restarts += 1
         delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(child.restarts - 1, 8))
@@ -186,14 +185,13 @@ class ProcessGroup:
             restarts=child.restarts,
         )
         with anyio.move_on_after(delay):
-            await self._stop_requested.wait()
-        if not self._stopping:
+            await self._stopping.wait()
+        if not self._stopping.is_set():
             await self._start(child, tg)
 
     def stop(self) -> None:
         """Ask every process to drain and stop (SIGTERM); :meth:`wait_stopped` waits."""
-        self._stopping = True
-        self._stop_requested.set()
+        self._stopping.set()
         for child in self.children:
             if child.process is not None and child.process.returncode is None:
                 child.process.send_signal(signal.SIGTERM)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,7 @@ from caresync.bench.peer import find_script, parse_summary
 from caresync.bench.refdata import read_back, write_csv
 from caresync.bench.workload import build_workload
 from caresync.codecs import Subjects
-
-
-def _caresync() -> list[str]:
-    script = Path(sys.executable).parent / "caresync"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from caresync.cli import main; main()"]
+from caresync.router.processes import caresync_command
 
 
 def bench_json(tmp_path: Path, workload: str, *extra: str) -> dict[str, Any]:
@@ -33,7 +26,7 @@ def bench_json(tmp_path: Path, workload: str, *extra: str) -> dict[str, Any]:
     try:
         result = subprocess.run(
             [
-                *_caresync(),
+                *caresync_command(),
                 "bench",
                 workload,
                 "--quick",
