@@ -34,6 +34,7 @@ from caresync.bench.workload import Workload
 from caresync.codecs import Subjects, WireFormat, decode_envelope
 from caresync.config.schema import DownstreamConfig
 from caresync.router.processes import caresync_command
+from caresync.store import read_only_union
 
 POLL_S = 0.02
 
@@ -321,7 +322,7 @@ Applied = dict[Address, tuple[str, float]]
 
 def read_store(db_path: Path) -> tuple[Applied, dict[str, int]]:
     """((kind, entity, command id) -> (outcome, applied_at)) and outbox rows per status."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn = read_only_union(db_path)  # every partition file of the store
     try:
         applied = {
             (kind, entity, cid): (outcome, at)

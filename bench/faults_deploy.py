@@ -80,7 +80,7 @@ class Deployment:
     @property
     def input_streams(self) -> list[str]:
         """Every partition's input stream."""
-        return [self.subjects.input_stream(p) for p in range(self.subjects.partitions)]
+        return self.subjects.input_streams()
 
     def simulators(self) -> SimServer:
         """Billing, ERP and supply on ``sim_prefix``, feeding back to this router's prefix."""

@@ -17,11 +17,13 @@ import msgspec
 from caresync.actors import default_registry
 from caresync.actors.ledger import Ledger
 from caresync.bench.faults_deploy import SYSTEMS
+from caresync.store import read_only_union
 
 
 def read_only(path: Path) -> closing[sqlite3.Connection]:
-    """A read-only connection, closed at the end of its ``with`` block."""
-    return closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0))
+    """A read-only connection (every partition file of a store), closed at the end of its
+    ``with`` block."""
+    return closing(read_only_union(path))
 
 
 _registry = default_registry()

@@ -6,9 +6,11 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+from caresync.store import read_only_union
+
 
 def _connect(db_path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
+    return read_only_union(db_path)  # every partition file of the store
 
 
 def entities_by_kind(db_path: Path) -> dict[str, int]:

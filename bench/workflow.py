@@ -51,6 +51,7 @@ from caresync.config import Config, load_config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.logs import configure_logging
 from caresync.router.service import store_path, subjects_for
+from caresync.store import read_only_union
 
 SETTLE_POLL_S = 0.25
 LATENCY_DEFINITION = (
@@ -144,7 +145,7 @@ _decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
 
 
 def _ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    return read_only_union(path, timeout_s=5.0)  # every partition file of a store
 
 
 def store_state(
@@ -390,7 +391,7 @@ async def _caresync(
     router_dir = tmp / "router"
     db_path = store_path(cfg, router_dir)
     sim_db = router_dir / "sim.db"
-    streams = [subjects.input_stream(p) for p in range(subjects.partitions)]
+    streams = subjects.input_streams()
     streams.append(subjects.output_stream)
     process = await fo.start_router(server.url, router_dir, env)
     try:

@@ -33,7 +33,7 @@ from caresync.router.replay_entity import EntityReplayer, History
 from caresync.router.replay_streams import read_catalog
 from caresync.router.service import make_transport, open_store, store_path, subjects_for
 from caresync.router.worker import WorkerSettings
-from caresync.store import Store
+from caresync.store import PartitionedStore
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LISTED = 20
@@ -78,7 +78,9 @@ async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool) -> int
             url = await _broker_url(ctx, nats_flag, stack)
             nc = await connect_client(url)
             stack.push_async_callback(nc.close)
-            store = await open_store(ctx.config, ctx.data_dir)
+            # A rebuild resets every partition's state: it may adopt a store written before
+            # one file per partition, and leaves it in that layout.
+            store = await open_store(ctx.config, ctx.data_dir, adopt=True)
             stack.push_async_callback(store.close)
             last = [0]
 
@@ -90,11 +92,11 @@ async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool) -> int
             transport = make_transport(nc, ctx.config)
             subjects = subjects_for(ctx.config)
             catalog = RefDataCatalog()
-            await catalog.restore(store)
+            await catalog.restore(store.main)
             try:
                 # Catch up with the reference-data log (the store may have been lost too).
                 async with anyio.create_task_group() as tg:
-                    await tg.start(catalog.follow, transport, store, subjects.refdata_stream)
+                    await tg.start(catalog.follow, transport, store.main, subjects.refdata_stream)
                     tg.cancel_scope.cancel()
                 report = await rebuild(
                     transport=transport,
@@ -182,7 +184,7 @@ class _Run:
     """What every entity or window replay works with."""
 
     replayer: EntityReplayer
-    store: Store
+    store: PartitionedStore
     catalog: RefDataCatalog
 
 
@@ -204,7 +206,7 @@ async def _replaying(ctx: Context, args: argparse.Namespace, what: str) -> Async
             transport = make_transport(nc, ctx.config)
             subjects = subjects_for(ctx.config)
             try:
-                catalog = await read_catalog(transport, store, subjects)
+                catalog = await read_catalog(transport, store.main, subjects)
                 replayer = EntityReplayer(
                     transport=transport,
                     store=store,
@@ -333,7 +335,7 @@ def _start(history: History, from_seq: int, from_ns: int, text: str) -> int:
     return start
 
 
-async def _no_history(store: Store, history: History) -> str:
+async def _no_history(store: PartitionedStore, history: History) -> str:
     where = f"stream {history.stream} holds no message for it"
     if not history.stream:
         where = "no input stream holds a message for it"

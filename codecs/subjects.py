@@ -156,6 +156,10 @@ class Subjects:
             return f"{self.stream_prefix}_IN"
         return f"{self.stream_prefix}_IN_P{partition}"
 
+    def input_streams(self) -> list[str]:
+        """The input stream of every partition, in partition order."""
+        return [self.input_stream(p) for p in range(self.partitions)]
+
     def input_stream_subjects(self, partition: int) -> list[str]:
         """Subjects stored by the input stream of one partition.
 

@@ -24,7 +24,7 @@ from caresync.router.report import build_report
 from caresync.router.retry_failed import retry_failed
 from caresync.router.runtime import Router
 from caresync.router.views import appointment_view, item_view
-from caresync.store import ParkedRow, Store
+from caresync.store import ParkedRow, PartitionedStore
 
 log = structlog.get_logger("caresync.control")
 
@@ -61,7 +61,7 @@ class ControlResponder:
         self,
         nc: NatsClient,
         router: Router,
-        store: Store,
+        store: PartitionedStore,
         registry: Registry,
         subjects: Subjects,
         *,

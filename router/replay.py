@@ -21,7 +21,7 @@ from caresync.router.publisher import Publisher
 from caresync.router.replay_fold import PartitionFold, outbox_keys
 from caresync.router.transport import Transport
 from caresync.router.worker import PartitionWorker, WorkerSettings
-from caresync.store import Store
+from caresync.store import PartitionedStore, Store
 
 log = structlog.get_logger("caresync.replay")
 
@@ -75,14 +75,13 @@ async def sent_effect_keys(
 
 def _streams(subjects: Subjects) -> list[str]:
     """Every stream of the deployment: the input streams, the output and dead-letter ones."""
-    streams = [subjects.input_stream(p) for p in range(subjects.partitions)]
-    return [*streams, subjects.output_stream, subjects.dead_letter_stream]
+    return [*subjects.input_streams(), subjects.output_stream, subjects.dead_letter_stream]
 
 
 async def rebuild(
     *,
     transport: Transport,
-    store: Store,
+    store: Store | PartitionedStore,
     registry: Registry,
     subjects: Subjects,
     settings: WorkerSettings,
@@ -111,8 +110,10 @@ async def rebuild(
             await transport.last_seq(stream)
     else:
         await already_sent()
-    await store.reset_state()
-    in_outbox = await outbox_keys(store) if fold else frozenset()
+    stores = store
+    if isinstance(stores, Store):
+        stores = PartitionedStore.single(stores, subjects.input_streams())
+    await stores.reset_state()
     total = 0
     publisher = Publisher(transport)  # a replay publishes nothing; workers need one to exist
     for p in range(subjects.partitions):
@@ -128,13 +129,13 @@ async def rebuild(
             folder = PartitionFold(
                 stream=stream,
                 transport=transport,
-                store=store,
+                store=stores.of(p),
                 registry=registry,
                 subjects=subjects,
                 settings=settings,
                 refdata=refdata,
                 already_sent=already_sent,
-                in_outbox=in_outbox,
+                in_outbox=await outbox_keys(stores.of(p)),
             )
             total += await folder.run(end, progress=report)
         else:
@@ -142,7 +143,7 @@ async def rebuild(
                 stream=stream,
                 consumer_name=subjects.consumer_name(p),
                 transport=transport,
-                store=store,
+                store=stores.of(p),
                 registry=registry,
                 subjects=subjects,
                 publisher=publisher,
@@ -151,7 +152,7 @@ async def rebuild(
             )
             total += await worker.replay(end, already_sent=found[0], progress=report)
         log.info("partition_rebuilt", stream=stream, through_seq=end)
-    counts = await store.counts()
+    counts = await stores.counts()
     return RebuildReport(
         messages=total,
         entities=counts["entities"],

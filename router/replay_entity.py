@@ -45,7 +45,7 @@ from caresync.router.replay_diff import (
 )
 from caresync.router.replay_streams import EntityStreams, Progress
 from caresync.router.transport import Inbound
-from caresync.store import AppliedRow, BatchWrite, EntityRow, OutboxRow, Store
+from caresync.store import AppliedRow, BatchWrite, EntityRow, OutboxRow, PartitionedStore, Store
 from caresync.store.errors import map_sqlite_error
 
 log = structlog.get_logger("caresync.replay")
@@ -110,7 +110,7 @@ class EntityReplayer:
         self,
         *,
         transport: JetStreamTransport,
-        store: Store,
+        store: PartitionedStore,
         registry: Registry,
         subjects: Subjects,
         catalog: RefDataCatalog,
@@ -119,7 +119,7 @@ class EntityReplayer:
     ) -> None:
         self._transport = transport
         self._streams = EntityStreams(transport, subjects, stall_timeout_s=stall_timeout_s)
-        self._store = store
+        self._stores = store
         self._registry = registry
         self._subjects = subjects
         latest = catalog.latest()
@@ -137,7 +137,7 @@ class EntityReplayer:
         if partition is None:  # partitioned, and no partition has a message for it
             return History(kind, entity, "", (), 0, False)
         stream = self._subjects.input_stream(partition)
-        bound = await self._store.offset(stream)
+        bound = await self._stores.offset(stream)
         info = await self._transport.js.stream_info(stream)
         truncated = int(info.state.first_seq) > 1
         if bound == 0:
@@ -155,7 +155,7 @@ class EntityReplayer:
         found: dict[tuple[str, str], Touched] = {}
         for p in range(self._subjects.partitions):
             stream = self._subjects.input_stream(p)
-            bound = await self._store.offset(stream)
+            bound = await self._stores.offset(stream)
             if bound == 0:
                 continue
             filters = [self._streams.entity_filter(p, kind, "*")] if kind else []
@@ -193,7 +193,8 @@ class EntityReplayer:
         if spec is None:
             result.error = f"unknown entity kind {history.kind!r}"
             return result
-        stored = await self._store.entity(history.kind, history.entity)
+        store = self._stores.for_stream(history.stream)  # the entity's partition's file
+        stored = await store.entity(history.kind, history.entity)
         result.existed = stored is not None
         result.parked = stored is not None and stored.parked
         fold = self._fold(spec, history, from_seq, self._decoder)
@@ -206,7 +207,7 @@ class EntityReplayer:
         if fold.error:
             result.error = fold.error
             return result
-        recorded = await self._recorded_outcomes(history.kind, history.entity)
+        recorded = await self._recorded_outcomes(store, history.kind, history.entity)
         result.outcome_changes = [
             OutcomeChange(row.seq, row.command_id, recorded[row.command_id], row.outcome)
             for row in fold.applied
@@ -218,7 +219,7 @@ class EntityReplayer:
             previous.update((row.key, row.subject) for row in baseline.produced)
         produced_keys = [row.key for row in fold.produced]
         outbox = await self._outbox_rows(
-            [*produced_keys, *previous, *fold.dlq_keys], fold.key_prefixes
+            store, [*produced_keys, *previous, *fold.dlq_keys], fold.key_prefixes
         )
         # Rows of these commands that the replay does not produce: sent, or queued, before.
         previous.update((key, rec.subject) for key, rec in outbox.items())
@@ -248,7 +249,7 @@ class EntityReplayer:
         elif history.truncated:
             result.error = f"the history of {history.kind} {history.entity!r} may be incomplete"
         else:
-            await self._write(history, fold, result, stored)
+            await self._write(store, history, fold, result, stored)
             result.written = True
         return result
 
@@ -329,7 +330,12 @@ class EntityReplayer:
             return None
 
     async def _write(
-        self, history: History, fold: _Fold, result: EntityReplay, stored: EntityRow | None
+        self,
+        store: Store,
+        history: History,
+        fold: _Fold,
+        result: EntityReplay,
+        stored: EntityRow | None,
     ) -> None:
         """Snapshot, dedupe records and effects of one entity, in one transaction."""
         write = BatchWrite()
@@ -343,9 +349,9 @@ class EntityReplayer:
         write.outbox = [
             dataclasses.replace(row, sent=True) if row.key in sent else row for row in fold.produced
         ]
-        await self._store.commit(write)
+        await store.commit(write)
         if result.outcome_changes:
-            await self._record_outcomes(history, fold, result.outcome_changes)
+            await self._record_outcomes(store, history, fold, result.outcome_changes)
         log.info(
             "entity_replayed",
             kind=history.kind,
@@ -355,10 +361,10 @@ class EntityReplayer:
             state_changed=result.state_changed,
         )
 
-    async def _recorded_outcomes(self, kind: str, entity: str) -> dict[str, str]:
+    async def _recorded_outcomes(self, store: Store, kind: str, entity: str) -> dict[str, str]:
         """Command id to recorded outcome, for every dedupe record of the entity."""
         try:
-            async with self._store.connection.execute(
+            async with store.connection.execute(
                 "SELECT command_id, outcome FROM applied WHERE kind = ? AND entity = ?",
                 (kind, entity),
             ) as cur:
@@ -367,7 +373,7 @@ class EntityReplayer:
             raise map_sqlite_error(exc, "reading dedupe records") from exc
 
     async def _record_outcomes(
-        self, history: History, fold: _Fold, changes: Sequence[OutcomeChange]
+        self, store: Store, history: History, fold: _Fold, changes: Sequence[OutcomeChange]
     ) -> None:
         """Dedupe records say what the replay did: a command accepted now must not stay
         "rejected" (verdicts, reports and later replays read these records)."""
@@ -382,8 +388,8 @@ class EntityReplayer:
             )
             for change in changes
         ]
-        conn = self._store.connection
-        async with self._store.write_lock:
+        conn = store.connection
+        async with store.write_lock:
             try:
                 try:
                     await conn.execute("BEGIN IMMEDIATE")
@@ -402,10 +408,10 @@ class EntityReplayer:
 
     # -- what was sent ----------------------------------------------------------------------
     async def _outbox_rows(
-        self, keys: Iterable[str], prefixes: Sequence[str]
+        self, store: Store, keys: Iterable[str], prefixes: Sequence[str]
     ) -> dict[str, Recorded]:
         """Outbox rows with one of ``keys``, or a key starting with one of ``prefixes``."""
-        conn = self._store.connection
+        conn = store.connection
         sql = "SELECT key, subject, status, payload FROM outbox WHERE "
         found: dict[str, Recorded] = {}
         queries: list[tuple[str, Sequence[str]]] = []

@@ -10,7 +10,7 @@ import msgspec
 
 from caresync.actors import appointment, billing, erp, item, purchasing, supply
 from caresync.actors.ledger import Ledger
-from caresync.store import Store
+from caresync.store import PartitionedStore
 
 
 def _ledger_totals(totals: dict[str, int], ledger: Ledger) -> None:
@@ -21,7 +21,7 @@ def _ledger_totals(totals: dict[str, int], ledger: Ledger) -> None:
     totals[f"entities_{ledger.state}"] += 1
 
 
-async def build_report(store: Store) -> dict[str, Any]:
+async def build_report(store: PartitionedStore) -> dict[str, Any]:
     """Appointments by status, reservations, demand, charges, orders, postings, sync, parking."""
     statuses: Counter[str] = Counter()
     readiness: Counter[str] = Counter()

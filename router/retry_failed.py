@@ -20,18 +20,18 @@ from nats.aio.client import Client as NatsClient
 
 from caresync.codecs import CodecError, Subjects, decode_envelope
 from caresync.connectors.worker import RETRY_OF
-from caresync.store import Store
+from caresync.store import PartitionedStore
 
 SYSTEMS = ("billing", "erp", "supply")
 
 
 async def retry_failed(
-    nc: NatsClient, store: Store, subjects: Subjects, system: str = ""
+    nc: NatsClient, store: PartitionedStore, subjects: Subjects, system: str = ""
 ) -> dict[str, Any]:
     """Publish every failed effect (of ``system``) again; what was sent, what could not be."""
     if system and system not in SYSTEMS:
         return {"error": f"unknown downstream {system!r}; known: {', '.join(SYSTEMS)}"}
-    failed = await store.failed_effects(system)
+    failed = await store.main.failed_effects(system)
     js = nc.jetstream()
     kept = {call.effect_key: await store.outbox_row(call.effect_key) for call in failed}
     gone = {key for key, row in kept.items() if row is None}

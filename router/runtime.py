@@ -18,10 +18,10 @@ from anyio.abc import TaskStatus
 from caresync.actors.contract import Registry
 from caresync.codecs import Subjects
 from caresync.config import Config
-from caresync.router.publisher import Publisher
+from caresync.router.publisher import Publisher, PublisherStats
 from caresync.router.transport import Transport
 from caresync.router.worker import PartitionWorker, WorkerSettings
-from caresync.store import Store, StoreError, StoreUnavailable
+from caresync.store import PartitionedStore, Store, StoreError, StoreUnavailable
 
 log = structlog.get_logger("caresync.router")
 
@@ -63,7 +63,7 @@ class Router:
         self,
         *,
         transport: Transport,
-        store: Store,
+        store: Store | PartitionedStore,
         registry: Registry,
         subjects: Subjects,
         settings: RouterSettings | None = None,
@@ -72,34 +72,47 @@ class Router:
         partitions: Sequence[int] | None = None,
         primary: bool = True,
     ) -> None:
-        """``partitions``: the partitions this process runs (default all).  Only the
-        ``primary`` process of a multi-process router recovers the outbox at start, prunes
-        and checkpoints the shared store; the others run their partitions' pipelines."""
+        """``partitions``: the partitions this process runs (default all); it recovers the
+        outbox of their files at start, prunes and checkpoints them.  ``store``: one file per
+        partition, or one :class:`Store` for all of them.  Only the ``primary`` process
+        prunes the main file's shared tables (the ingest log)."""
         self.settings = settings or RouterSettings()
         self.primary = primary
         self.subjects = subjects
-        self.store = store
-        self.publisher = Publisher(
-            transport,
-            timeout_s=self.settings.publish_timeout_s,
-            max_in_flight=self.settings.publish_max_in_flight,
-            retry_initial_s=self.settings.publish_retry_initial_s,
-            retry_max_s=self.settings.publish_retry_max_s,
-        )
+        if isinstance(store, Store):
+            store = PartitionedStore.single(store, subjects.input_streams())
+        self.stores = store
+        self.partitions = list(range(subjects.partitions) if partitions is None else partitions)
+        stats = PublisherStats()
+
+        def publisher() -> Publisher:
+            return Publisher(
+                transport,
+                timeout_s=self.settings.publish_timeout_s,
+                max_in_flight=self.settings.publish_max_in_flight,
+                retry_initial_s=self.settings.publish_retry_initial_s,
+                retry_max_s=self.settings.publish_retry_max_s,
+                stats=stats,
+            )
+
+        # A publisher per worker, counting together: its confirmations (outbox seq ranges
+        # among them) are committed to that worker's partition file, and no other.
+        self.publisher = publisher()
+        """Sends what the outbox kept from an earlier run (:meth:`recover_outbox`)."""
         self.workers = [
             PartitionWorker(
                 stream=subjects.input_stream(p),
                 consumer_name=subjects.consumer_name(p),
                 transport=transport,
-                store=store,
+                store=store.of(p),
                 registry=registry,
                 subjects=subjects,
-                publisher=self.publisher,
+                publisher=publisher(),
                 settings=self.settings.worker,
                 refdata=refdata,
                 refdata_barrier=refdata_barrier,
             )
-            for p in (range(subjects.partitions) if partitions is None else partitions)
+            for p in self.partitions
         ]
         self._stop = anyio.Event()
         self._stopped = anyio.Event()
@@ -117,16 +130,14 @@ class Router:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Send what the outbox still holds, start every partition, run until stopped."""
         try:
-            if self.primary:
-                await self.recover_outbox()
+            await self.recover_outbox()
             async with anyio.create_task_group() as tg:
                 for worker in self.workers:
                     await tg.start(worker.run)
                 maintenance = anyio.CancelScope()
                 checkpoints = anyio.CancelScope()
-                if self.primary:
-                    tg.start_soon(self._maintenance, maintenance)
-                    tg.start_soon(self._checkpoints, checkpoints)
+                tg.start_soon(self._maintenance, maintenance)
+                tg.start_soon(self._checkpoints, checkpoints)
                 self.ready = True
                 self.started_at = time.time()
                 log.info("router_ready", partitions=len(self.workers))
@@ -151,10 +162,13 @@ class Router:
             while True:
                 await anyio.sleep(self.settings.prune_every_s)
                 now = time.time()
+                removed = sent = 0
                 try:
-                    removed = await self.store.prune_applied(now - self.settings.dedupe_retention_s)
-                    sent = await self.store.prune_outbox(now - self.settings.outbox_retention_s)
-                    await self.store.ingest.prune(now - self.settings.outbox_retention_s)
+                    for store in self._own_stores():
+                        removed += await store.prune_applied(now - self.settings.dedupe_retention_s)
+                        sent += await store.prune_outbox(now - self.settings.outbox_retention_s)
+                    if self.primary:
+                        await self.stores.ingest.prune(now - self.settings.outbox_retention_s)
                 except StoreUnavailable as exc:
                     # Locked or full: pruning waits for the next round, the pipeline goes on.
                     log.warning("prune_postponed", error=str(exc))
@@ -169,29 +183,38 @@ class Router:
             while True:
                 await anyio.sleep(self.settings.checkpoint_every_s)
                 try:
-                    await self.store.checkpoint()
+                    for store in self._own_stores():
+                        await store.checkpoint()
                 except StoreError as exc:  # commits report a broken store; this only waits
                     log.warning("checkpoint_postponed", error=str(exc))
+
+    def _own_stores(self) -> list[Store]:
+        """The files of this process's partitions (the main file too, for the primary)."""
+        stores = self.stores.distinct(self.partitions)
+        if self.primary and all(s is not self.stores.main for s in stores):
+            stores.insert(0, self.stores.main)
+        return stores
 
     async def recover_outbox(self) -> int:
         """Publish outbox rows left pending by an earlier run (a crash); returns how many."""
         total = 0
-        after = 0
-        while True:
-            rows = await self.store.pending_effects(limit=5000, after_seq=after)
-            if not rows:
-                break
-            await self.publisher.send(rows)
-            await self.store.commit(self.publisher.take_marks())
-            total += len(rows)
-            after = rows[-1].seq
+        for store in self._own_stores():
+            after = 0
+            while True:
+                rows = await store.pending_effects(limit=5000, after_seq=after)
+                if not rows:
+                    break
+                await self.publisher.send(rows)
+                await store.commit(self.publisher.take_marks())
+                total += len(rows)
+                after = rows[-1].seq
         if total:
             log.info("outbox_recovered", effects=total)
         return total
 
     async def release(self, kind: str, entity: str) -> dict[str, Any]:
         """Release a parked entity in the partition that holds its parked messages."""
-        parked = await self.store.parked(kind, entity)
+        parked = await self.stores.parked(kind, entity)
         stream = parked[0].stream if parked else ""
         worker = next((w for w in self.workers if w.stream == stream), None)
         if worker is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -23,7 +23,7 @@ from caresync.router.processes import ProcessGroup, partitions_of
 from caresync.router.provision import provision
 from caresync.router.refdata import RefDataCatalog
 from caresync.router.runtime import Router, RouterSettings
-from caresync.store import Store
+from caresync.store import PartitionedStore
 
 log = structlog.get_logger("caresync.service")
 
@@ -46,12 +46,23 @@ def store_path(cfg: Config, data_dir: Path) -> Path:
     return path if path.is_absolute() else data_dir / path
 
 
-async def open_store(cfg: Config, data_dir: Path) -> Store:
-    """Open the store a configuration names."""
-    return await Store.open(
+async def open_store(
+    cfg: Config,
+    data_dir: Path,
+    *,
+    partitions: Sequence[int] | None = None,
+    adopt: bool = False,
+) -> PartitionedStore:
+    """Open the store a configuration names: its main file and the files of ``partitions``
+    (default every partition).  ``adopt``: see :meth:`PartitionedStore.open`."""
+    subjects = subjects_for(cfg)
+    return await PartitionedStore.open(
         store_path(cfg, data_dir),
+        subjects.input_streams(),
+        partitions=partitions,
         synchronous=cfg.store.synchronous,
         busy_timeout_ms=cfg.store.busy_timeout_ms,
+        adopt=adopt,
     )
 
 
@@ -117,17 +128,22 @@ class RouterService:
         try:
             if self.primary:
                 await provision(nc.jetstream(), self.subjects, cfg.streams)
-            async with await open_store(cfg, self.data_dir) as store:
+            # Process 0 opens every partition's file (control reads them all); another
+            # process only the files of its partitions (and the main one).
+            opened = None if self.primary else self.partitions
+            async with await open_store(cfg, self.data_dir, partitions=opened) as store:
                 await self._serve(nc, store, task_status)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 await nc.close()
 
-    async def _serve(self, nc: NatsClient, store: Store, task_status: TaskStatus[None]) -> None:
+    async def _serve(
+        self, nc: NatsClient, store: PartitionedStore, task_status: TaskStatus[None]
+    ) -> None:
         cfg = self.cfg
         transport = make_transport(nc, cfg)
         catalog = self.catalog
-        await catalog.restore(store)
+        await catalog.restore(store.main)
         router = Router(
             transport=transport,
             store=store,
@@ -174,12 +190,12 @@ class RouterService:
                 await tg.start(run)
 
             # Reference data first: no command is decided with data older than the log.
-            await background(catalog.follow, transport, store, self.subjects.refdata_stream)
+            await background(catalog.follow, transport, store.main, self.subjects.refdata_stream)
             await tg.start(router.run)
             ingest = None
             if self.primary:
                 ingest = IngestWorker(
-                    transport, store, self.subjects, IngestSettings.from_config(cfg)
+                    transport, store.main, self.subjects, IngestSettings.from_config(cfg)
                 )
                 self.ingest = ingest
                 await tg.start(ingest.run)
@@ -187,7 +203,7 @@ class RouterService:
             if self.primary:
                 # -- downstream connectors (issue 3, part 4): one worker per enabled system;
                 # cancelled only once the router has drained.
-                await background(run_connectors, nc, cfg, self.subjects, store)
+                await background(run_connectors, nc, cfg, self.subjects, store.main)
             if self.processes is not None:
                 await tg.start(self.processes.run)
             task_status.started()

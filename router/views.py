@@ -12,7 +12,7 @@ import msgspec
 
 from caresync.actors import appointment, billing, erp, item, supply
 from caresync.actors.ledger import Ledger
-from caresync.store import EntityRow, Store
+from caresync.store import EntityRow, PartitionedStore
 
 _decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "appointment": msgspec.msgpack.Decoder(appointment.AppointmentState),
@@ -23,7 +23,7 @@ _decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
 }
 
 
-async def _load(store: Store, kind: str, entity: str) -> tuple[Any, EntityRow] | None:
+async def _load(store: PartitionedStore, kind: str, entity: str) -> tuple[Any, EntityRow] | None:
     row = await store.entity(kind, entity)
     if row is None:
         return None
@@ -43,7 +43,7 @@ def _sync(ledger: Ledger | None, row: EntityRow | None) -> dict[str, Any]:
     }
 
 
-async def appointment_view(store: Store, appointment_id: str) -> dict[str, Any] | None:
+async def appointment_view(store: PartitionedStore, appointment_id: str) -> dict[str, Any] | None:
     """The appointment across billing, supply and ERP, or None if it is unknown."""
     found = await _load(store, "appointment", appointment_id)
     if found is None:
@@ -102,7 +102,7 @@ async def appointment_view(store: Store, appointment_id: str) -> dict[str, Any] 
     }
 
 
-async def item_view(store: Store, key: str) -> dict[str, Any] | None:
+async def item_view(store: PartitionedStore, key: str) -> dict[str, Any] | None:
     """Stock of one item at one facility (``ITEM_ID@FACILITY_ID``), or None if unknown."""
     found = await _load(store, "item", key)
     if found is None:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from caresync.store.errors import StoreError, StoreSchemaError, StoreUnavailable
 from caresync.store.ingest import IngestedCommand, IngestLog, IngestRow
+from caresync.store.partitioned import (
+    PartitionedStore,
+    StoreLayoutError,
+    partition_files,
+    partition_path,
+    read_only_union,
+)
 from caresync.store.records import (
     AppliedRow,
     BatchWrite,
@@ -24,9 +31,14 @@ __all__ = [
     "IngestedCommand",
     "OutboxRow",
     "ParkedRow",
+    "PartitionedStore",
     "PendingEffect",
     "Store",
     "StoreError",
+    "StoreLayoutError",
     "StoreSchemaError",
     "StoreUnavailable",
+    "partition_files",
+    "partition_path",
+    "read_only_union",
 ]

@@ -156,14 +156,34 @@ class Store:
                 f"up to {SCHEMA_VERSION}"
             )
 
+    async def meta(self, key: str) -> str | None:
+        """A value of the store's meta table, or None."""
+        async with self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the store's meta table."""
+        async with self._write_lock:
+            try:
+                await self._conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, f"writing {key} to the store's meta table") from exc
+
     async def close(self) -> None:
-        """Close the database (idempotent)."""
+        """Close the database (idempotent).  Shielded: a close cut short by a cancellation
+        would leave connection threads that keep the process from exiting."""
         self._closed = True
-        for extra in (self._checkpointer, self._reader):
-            if extra is not None:
-                await extra.close()
-        self._checkpointer = self._reader = None
-        await self._conn.close()
+        with anyio.CancelScope(shield=True):
+            for extra in (self._checkpointer, self._reader):
+                if extra is not None:
+                    await extra.close()
+            self._checkpointer = self._reader = None
+            await self._conn.close()
 
     async def _side_connection(self, busy_timeout_ms: int) -> aiosqlite.Connection:
         """Another connection to the same file.  Opened shielded from cancellation: a

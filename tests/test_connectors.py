@@ -44,7 +44,7 @@ from caresync.connectors import (
 )
 from caresync.router.provision import provision
 from caresync.router.service import RouterService, open_store, subjects_for
-from caresync.store import Store
+from caresync.store import PartitionedStore, Store
 
 pytestmark = pytest.mark.anyio
 
@@ -95,9 +95,14 @@ class Env:
     subjects: Subjects
     nc: NatsClient
     js: JetStreamContext
-    store: Store
+    stores: PartitionedStore
     tg: TaskGroup
     url: str
+
+    @property
+    def store(self) -> Store:
+        """The main file, where the connectors record their calls."""
+        return self.stores.main
 
     @property
     def sim_prefix(self) -> str:
@@ -169,9 +174,9 @@ async def connectors(
     try:
         js = nc.jetstream()
         await provision(js, subjects, cfg.streams)
-        async with await open_store(cfg, data_dir) as store, anyio.create_task_group() as tg:
-            await tg.start(run_connectors, nc, cfg, subjects, store)
-            yield Env(cfg, subjects, nc, js, store, tg, url)
+        async with await open_store(cfg, data_dir) as stores, anyio.create_task_group() as tg:
+            await tg.start(run_connectors, nc, cfg, subjects, stores.main)
+            yield Env(cfg, subjects, nc, js, stores, tg, url)
             tg.cancel_scope.cancel()
     finally:
         await nc.close()
@@ -440,7 +445,7 @@ async def test_the_router_service_runs_the_connectors_and_stops_cleanly(
                 scope = await env.start(fake)
                 await env.put("erp", "po-9:erp", "F1")
                 [(_, _, ack)] = await env.wait_acks(1)
-                calls = await store.calls("po-9:erp")
+                calls = await store.main.calls("po-9:erp")
                 scope.cancel()
         finally:
             await nc.close()

@@ -253,7 +253,7 @@ async def exclusive_lock(db_path: Path) -> AsyncIterator[None]:
 async def disk_full(service: RouterService) -> AsyncIterator[None]:
     """The router's database may not grow by a page (``PRAGMA max_page_count``) meanwhile."""
     assert service.router is not None
-    conn = service.router.store.connection
+    conn = service.router.stores.main.connection
     async with conn.execute("PRAGMA page_count") as cur:
         row = await cur.fetchone()
     assert row is not None

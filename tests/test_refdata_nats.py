@@ -251,7 +251,7 @@ async def test_the_catalog_follows_the_stream_keeps_versions_and_answers_by_time
 
     async with await open_store(cfg, tmp_path) as store, anyio.create_task_group() as tg:
         catalog = RefDataCatalog()
-        await tg.start(catalog.follow, JetStreamTransport(nc), store, stream)
+        await tg.start(catalog.follow, JetStreamTransport(nc), store.main, stream)
         # Caught up before it said it started: no polling here.
         assert catalog.latest_version == 3
         assert acme(catalog.latest()) == "Acme 3"
@@ -279,10 +279,10 @@ async def test_the_catalog_follows_the_stream_keeps_versions_and_answers_by_time
 
     # A new catalog from the store alone knows the same versions, effective at the same times.
     async with await open_store(cfg, tmp_path) as store:
-        assert [v for v, _, _ in await store.refdata_versions()] == [1, 2, 3, 4]
+        assert [v for v, _, _ in await store.main.refdata_versions()] == [1, 2, 3, 4]
         await store.reset_state()  # a rebuild keeps reference data
         restored = RefDataCatalog()
-        assert await restored.restore(store) == 4
+        assert await restored.restore(store.main) == 4
     assert restored.versions() == versions
     assert acme(restored.at(between)) == "Acme 3"
 
@@ -303,7 +303,7 @@ async def test_the_catalog_reads_on_after_its_reader_vanishes(
             functools.partial(
                 catalog.follow,
                 JetStreamTransport(nc, expires_s=0.2),
-                store,
+                store.main,
                 stream,
                 poll_timeout_s=0.2,
             )
@@ -334,7 +334,7 @@ async def test_the_catalog_follows_the_memory_transport_too(tmp_path: Path, cfg:
     transport.append("cs.refdata.load", encode_refdata_set(first))
     async with await open_store(cfg, tmp_path) as store, anyio.create_task_group() as tg:
         catalog = RefDataCatalog()
-        await tg.start(catalog.follow, transport, store, "REFDATA")
+        await tg.start(catalog.follow, transport, store.main, "REFDATA")
         assert catalog.latest_version == 1
         effective = catalog.versions()[0][1]
         assert abs(effective - time.time_ns()) < 60 * 10**9  # the append time, not zero

@@ -40,7 +40,7 @@ from caresync.router.replay import rebuild, sent_effect_keys
 from caresync.router.replay_fold import PartitionFold
 from caresync.router.service import RouterService, make_transport, open_store, subjects_for
 from caresync.router.worker import WorkerSettings
-from caresync.store import Store
+from caresync.store import PartitionedStore, Store
 
 pytestmark = pytest.mark.anyio
 
@@ -207,7 +207,9 @@ def copy_of(h: History, into: Path, *, with_store: bool = True) -> Path:
 
 
 @asynccontextmanager
-async def rebuild_env(h: History, data_dir: Path) -> AsyncIterator[tuple[Any, Store, Any]]:
+async def rebuild_env(
+    h: History, data_dir: Path
+) -> AsyncIterator[tuple[Any, PartitionedStore, Any]]:
     async with client(h.url) as nc, await open_store(h.cfg, data_dir) as store:
         catalog = await catalog_from_log(nc, h.cfg, store)
         yield make_transport(nc, h.cfg), store, catalog.at
@@ -287,7 +289,7 @@ async def test_an_interrupted_fold_resumes_after_its_last_chunk(
             return PartitionFold(
                 stream=stream,
                 transport=transport,
-                store=store,
+                store=store.of(0),
                 registry=REGISTRY,
                 subjects=subjects,
                 settings=WorkerSettings.from_config(h.cfg),

@@ -44,7 +44,7 @@ from caresync.config import Config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.replay_diff import Recorded, classify, state_changes
 from caresync.router.service import RouterService, store_path, subjects_for
-from caresync.store import OutboxRow
+from caresync.store import OutboxRow, read_only_union
 
 pytestmark = pytest.mark.anyio
 
@@ -76,7 +76,7 @@ def worker_last_seq(service: RouterService) -> int:
 
 def pending_effects(dep: Deployment) -> int:
     path = store_path(dep.cfg, dep.data_dir)
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    with contextlib.closing(read_only_union(path)) as db:  # every partition's file
         row = db.execute("SELECT count(*) FROM outbox WHERE status = 'pending'").fetchone()
     return int(row[0])
 

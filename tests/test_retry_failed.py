@@ -80,22 +80,22 @@ async def test_retry_failed_sends_the_same_key_again_with_a_fresh_budget(
         await env.put("erp", "po-9:erp", "F9")  # nobody answers: no responders, twice
         [(_, _, first)] = await env.wait_acks(1)
         assert (first.outcome, first.attempts) == ("failed", 2)
-        assert await retry_failed(env.nc, env.store, env.subjects, "billing") == {
+        assert await retry_failed(env.nc, env.stores, env.subjects, "billing") == {
             "sent": [],
             "not_sent": [],
         }
         assert (
             "unknown downstream"
-            in (await retry_failed(env.nc, env.store, env.subjects, "x"))["error"]
+            in (await retry_failed(env.nc, env.stores, env.subjects, "x"))["error"]
         )
         fake = FakeSystem("erp")
         await env.start(fake)  # the system is back
-        result = await retry_failed(env.nc, env.store, env.subjects, "erp")
+        result = await retry_failed(env.nc, env.stores, env.subjects, "erp")
         assert [(s["key"], s["system"]) for s in result["sent"]] == [("po-9:erp", "erp")]
         assert "no responders" in result["sent"][0]["last_error"]
         acks = await env.wait_acks(2, "the acknowledgement of the retried effect")
         calls = await env.store.calls("po-9:erp")
-        nothing_left = await retry_failed(env.nc, env.store, env.subjects, "erp")
+        nothing_left = await retry_failed(env.nc, env.stores, env.subjects, "erp")
     assert acks[1][2].outcome == "created"
     assert acks[1][2].effect_key == "po-9:erp"
     assert [c.outcome for c in calls] == ["transient", "failed", "created"]

@@ -33,7 +33,7 @@ from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild
 from caresync.router.service import RouterService, make_transport, open_store, subjects_for
 from caresync.router.worker import WorkerSettings
-from caresync.store import Store
+from caresync.store import PartitionedStore
 
 pytestmark = pytest.mark.anyio
 
@@ -284,13 +284,13 @@ async def live_run(
         return [(e.kind, e.id, e.state) for e in await store.entities()]
 
 
-async def catalog_from_log(nc: NatsClient, cfg: Config, store: Store) -> RefDataCatalog:
+async def catalog_from_log(nc: NatsClient, cfg: Config, store: PartitionedStore) -> RefDataCatalog:
     """The reference data versions, from the store and the refdata stream (as the CLI does)."""
     catalog = RefDataCatalog()
-    await catalog.restore(store)
+    await catalog.restore(store.main)
     async with anyio.create_task_group() as tg:
         await tg.start(
-            catalog.follow, make_transport(nc, cfg), store, subjects_for(cfg).refdata_stream
+            catalog.follow, make_transport(nc, cfg), store.main, subjects_for(cfg).refdata_stream
         )
         tg.cancel_scope.cancel()
     return catalog

@@ -182,10 +182,12 @@ async def test_a_release_goes_to_the_process_that_runs_the_partition(
     data = tmp_path / "data"
     ids = [f"P{i}" for i in range(8)]
     # Stored states that do not decode: the first message to each parks its entity, in the
-    # partition (and so the process) that its id hashes to.
+    # partition (and so the process) that its id hashes to.  Written to both partitions' files
+    # (which one an id hashes to is the server's business); each partition reads only its own.
     async with await open_store(cfg, data) as store:
         rows = [EntityRow("appointment", i, b"\xc1 not msgpack", parked=False, seq=1) for i in ids]
-        await store.commit(BatchWrite(entities=rows))
+        for p in (0, 1):
+            await store.of(p).commit(BatchWrite(entities=rows))
     lock = DataDirLock(data)
     lock.acquire("the test, as caresync up")
     try:
