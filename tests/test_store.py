@@ -26,6 +26,7 @@ from caresync.store import (
     StoreSchemaError,
     StoreUnavailable,
 )
+from caresync.store.batch_write import ROWS_PER_STATEMENT
 from caresync.store.schema import SCHEMA_VERSION
 from caresync.store.sqlite import applied_query, entities_query
 
@@ -322,6 +323,35 @@ async def test_load_entities_returns_every_stored_key_across_chunks(store: Store
 
 
 # -- outbox -------------------------------------------------------------------------------------
+async def test_batches_larger_than_one_insert_statement_write_every_row_in_order(
+    store: Store,
+) -> None:
+    """Rows go in statements of ROWS_PER_STATEMENT rows, the rest one by one: every row
+    lands, upserts and conflicts behave as row by row, and the returned outbox seq range
+    covers exactly the rows this batch inserted."""
+    n = 2 * ROWS_PER_STATEMENT + 5
+    await store.commit(BatchWrite(outbox=[outbox("k0", b"old")], entities=[entity("E0")]))
+    before = sql(store.path, "SELECT max(seq) FROM outbox")[0][0]
+    write = BatchWrite(
+        entities=[entity(f"E{i}", f"s{i}".encode(), seq=i) for i in range(n)],
+        applied=[applied(f"c{i}") for i in range(n)] + [applied("c0", outcome="rejected")],
+        outbox=[outbox(f"k{i}", f"p{i}".encode()) for i in range(n)],
+    )
+    inserted = await store.commit(write)
+    assert inserted is not None
+    assert inserted[0] == before + 1
+    in_range = sql(
+        store.path, "SELECT key FROM outbox WHERE seq BETWEEN ? AND ? ORDER BY seq", inserted
+    )
+    assert in_range == [(f"k{i}",) for i in range(1, n)]  # k0 was there: not inserted again
+    rows = sql(store.path, "SELECT key, payload FROM outbox ORDER BY seq")
+    assert rows == [("k0", b"old")] + [(f"k{i}", f"p{i}".encode()) for i in range(1, n)]
+    states = sql(store.path, "SELECT id, state, seq FROM entities")
+    assert sorted(states) == sorted((f"E{i}", f"s{i}".encode(), i) for i in range(n))
+    assert len(await store.applied_among(keys(*(f"c{i}" for i in range(n))))) == n
+    assert await store.outcome("appointment", "A1", "c0") == ("accepted", "")  # first wins
+
+
 async def test_a_sent_effect_stays_sent_when_written_again(store: Store) -> None:
     await store.commit(BatchWrite(outbox=[outbox("k1", b"first"), outbox("k2", b"first")]))
     await store.commit(BatchWrite(sent=[("k1", 1.0)]))
