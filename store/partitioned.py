@@ -13,15 +13,17 @@ point lookup per file, and an entity is only ever in one of them.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 from caresync.store.errors import StoreError
 from caresync.store.ingest import IngestLog
 from caresync.store.records import EntityRow, ParkedRow
 from caresync.store.sqlite import Store
+
+T = TypeVar("T")
 
 LAYOUT_KEY = "partition_files"
 """Meta key of the main file: how many partitions the files were written for."""
@@ -165,6 +167,14 @@ class PartitionedStore:
         return self.main.ingest
 
     # -- reads across files ---------------------------------------------------------------------
+    async def _first(self, read: Callable[[Store], Awaitable[T | None]]) -> T | None:
+        """What the first file to have it answers (an entity is only ever in one file)."""
+        for store in self._all():
+            found = await read(store)
+            if found is not None:
+                return found
+        return None
+
     async def offset(self, stream: str) -> int:
         """Highest sequence of ``stream`` applied and committed (0 if none)."""
         return await self.for_stream(stream).offset(stream)
@@ -180,11 +190,7 @@ class PartitionedStore:
 
     async def entity(self, kind: str, id: str) -> EntityRow | None:
         """The snapshot of one entity, from whichever partition holds it."""
-        for store in self._all():
-            row = await store.entity(kind, id)
-            if row is not None:
-                return row
-        return None
+        return await self._first(lambda store: store.entity(kind, id))
 
     async def entities(self, kind: str | None = None) -> list[EntityRow]:
         """All snapshots (of one kind), ordered by kind and id."""
@@ -209,27 +215,15 @@ class PartitionedStore:
         self, kind: str, entity: str, command_id: str
     ) -> tuple[str, str, int] | None:
         """(outcome, reason, stream seq) of a command of one entity, or None."""
-        for store in self._all():
-            found = await store.applied_record(kind, entity, command_id)
-            if found is not None:
-                return found
-        return None
+        return await self._first(lambda store: store.applied_record(kind, entity, command_id))
 
     async def outbox_headers(self, key: str) -> dict[str, str] | None:
         """Headers of one outbox row, or None if no partition has it."""
-        for store in self._all():
-            found = await store.outbox_headers(key)
-            if found is not None:
-                return found
-        return None
+        return await self._first(lambda store: store.outbox_headers(key))
 
     async def outbox_row(self, key: str) -> tuple[str, bytes] | None:
         """(subject, payload) of one outbox row, or None if no partition has it."""
-        for store in self._all():
-            found = await store.outbox_row(key)
-            if found is not None:
-                return found
-        return None
+        return await self._first(lambda store: store.outbox_row(key))
 
     async def counts(self) -> dict[str, int]:
         """Row counts summed over the files."""
