@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 
 import anyio
@@ -24,6 +26,7 @@ from caresync.router.logs import configure_logging
 from caresync.router.processes import READY_LINE, RouterProcessError, exit_with_parent
 from caresync.router.service import RouterService, subjects_for
 from caresync.sim import SimServer, SimSettings
+from caresync.store import StoreLayoutError, StoreSchemaError
 
 
 def mappings_config(subjects: Subjects) -> str:
@@ -83,44 +86,70 @@ async def run_up(ctx: Context, nats_url: str | None) -> int:
                 stack.push_async_callback(embedded.stop, 1.5)
                 url = embedded.url
             service = RouterService(cfg, nats_url=url, data_dir=ctx.data_dir)
-            async with anyio.create_task_group() as tg:
-                signals = anyio.CancelScope()
-                simulators = anyio.CancelScope()
-                tg.start_soon(_stop_on_signal, service, signals)
-                if wants_simulators(cfg):
-                    sim = SimServer(
-                        url,
-                        ctx.data_dir / "sim.db",
-                        SimSettings(router_prefix=cfg.streams.subject_prefix),
-                    )
-
-                    async def simulate(*, task_status: TaskStatus[None]) -> None:
-                        with simulators:
-                            await sim.run(task_status=task_status)
-
-                    await tg.start(simulate)
-
-                async def serve(*, task_status: TaskStatus[None]) -> None:
-                    try:
-                        await service.run(task_status=task_status)
-                    finally:
-                        # The simulators go after the router: its last effects still land.
-                        simulators.cancel()
-                        signals.cancel()
-
-                await tg.start(serve)
-                tune_gc()
-                write_server_record(ctx.data_dir, url, embedded=embedded is not None)
-                where = "embedded nats-server" if embedded else "NATS"
-                print(
-                    f"caresync up: router ready, {where} at {url}, data in {ctx.data_dir}",
-                    flush=True,
-                )
+            with _store_refusals_as_errors():
+                await _serve_up(ctx, cfg, service, url, embedded)
         remove_server_record(ctx.data_dir)
         print("caresync up: stopped", file=sys.stderr, flush=True)
         return 0
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def _store_refusals_as_errors() -> Iterator[None]:
+    """A store refused at start (another layout, a newer schema) ends ``up`` with its reason,
+    not a traceback."""
+    try:
+        yield
+    except (StoreLayoutError, StoreSchemaError) as exc:
+        raise CommandError(str(exc)) from exc
+    except BaseExceptionGroup as group:
+        refused = group.subgroup(lambda e: isinstance(e, StoreLayoutError | StoreSchemaError))
+        if refused is None:
+            raise
+        leaf: BaseException = refused
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise CommandError(str(leaf)) from group
+
+
+async def _serve_up(
+    ctx: Context, cfg: Config, service: RouterService, url: str, embedded: EmbeddedNats | None
+) -> None:
+    """The embedded simulators (if wanted) and the router, until a signal."""
+    async with anyio.create_task_group() as tg:
+        signals = anyio.CancelScope()
+        simulators = anyio.CancelScope()
+        tg.start_soon(_stop_on_signal, service, signals)
+        if wants_simulators(cfg):
+            sim = SimServer(
+                url,
+                ctx.data_dir / "sim.db",
+                SimSettings(router_prefix=cfg.streams.subject_prefix),
+            )
+
+            async def simulate(*, task_status: TaskStatus[None]) -> None:
+                with simulators:
+                    await sim.run(task_status=task_status)
+
+            await tg.start(simulate)
+
+        async def serve(*, task_status: TaskStatus[None]) -> None:
+            try:
+                await service.run(task_status=task_status)
+            finally:
+                # The simulators go after the router: its last effects still land.
+                simulators.cancel()
+                signals.cancel()
+
+        await tg.start(serve)
+        tune_gc()
+        write_server_record(ctx.data_dir, url, embedded=embedded is not None)
+        where = "embedded nats-server" if embedded else "NATS"
+        print(
+            f"caresync up: router ready, {where} at {url}, data in {ctx.data_dir}",
+            flush=True,
+        )
 
 
 async def run_router_process(ctx: Context, nats_url: str | None, group: int, parent: int) -> int:

@@ -3,7 +3,9 @@ guard, and the read-only union the tools and benchmarks use."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from caresync.store import (
 pytestmark = pytest.mark.anyio
 
 STREAMS = ["T_IN_P0", "T_IN_P1", "T_IN_P2"]
+CARESYNC = str(Path(sys.executable).parent / "caresync")
 
 
 def _write(p: int, entity: str) -> BatchWrite:
@@ -258,3 +261,20 @@ async def test_a_router_of_two_partitions_keeps_each_in_its_own_file(
     for path, stream in zip(partition_files(main), subjects.input_streams(), strict=True):
         assert _rows(path, "SELECT count(*) FROM outbox WHERE status != 'sent'") == [(0,)]
         assert _rows(path, "SELECT stream FROM offsets WHERE stream LIKE '%_IN%'") == [(stream,)]
+
+
+async def test_caresync_up_refuses_a_store_of_another_partitioning_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """Started on a data dir whose store was written for 2 partitions with 3 configured,
+    ``caresync up`` exits 1 naming both numbers, without a traceback."""
+    data = tmp_path / "data"
+    async with await PartitionedStore.open(data / "caresync.db", STREAMS[:2]):
+        pass
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
+    env["CARESYNC_STREAMS__PARTITIONS"] = "3"
+    done = await anyio.run_process([CARESYNC, "up", "--data-dir", str(data)], env=env, check=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "written for 2 partition(s), the configuration has streams.partitions = 3" in err
+    assert "Traceback" not in err
