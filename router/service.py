@@ -216,6 +216,8 @@ class RouterService:
             await router.wait_stopped()
             if self.processes is not None:
                 await self.processes.wait_stopped()
+                # Their configuration may hold credentials: not left behind once they stopped.
+                (self.data_dir / CHILD_CONFIG).unlink(missing_ok=True)
             for scope in reversed(scopes):
                 scope.cancel()
 

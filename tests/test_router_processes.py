@@ -156,6 +156,7 @@ async def test_two_processes_share_the_work_and_a_killed_one_is_restarted(
                 service.stop()
             assert not pid_alive(second_pid)
             assert other.process.returncode == 0  # drained and stopped on SIGTERM
+            assert not (data / "router-processes.toml").exists()  # may hold credentials
     finally:
         lock.release()
     assert await states_match(cfg, data, oracle)
