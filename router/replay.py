@@ -110,10 +110,10 @@ async def rebuild(
             await transport.last_seq(stream)
     else:
         await already_sent()
-    stores = store
-    if isinstance(stores, Store):
-        stores = PartitionedStore.single(stores, subjects.input_streams())
+    stores = PartitionedStore.of_store(store, subjects.input_streams())
     await stores.reset_state()
+    # What each file's outbox holds before anything is folded (read once per file).
+    in_outbox = {id(s): await outbox_keys(s) if fold else frozenset() for s in stores.distinct()}
     total = 0
     publisher = Publisher(transport)  # a replay publishes nothing; workers need one to exist
     for p in range(subjects.partitions):
@@ -135,7 +135,7 @@ async def rebuild(
                 settings=settings,
                 refdata=refdata,
                 already_sent=already_sent,
-                in_outbox=await outbox_keys(stores.of(p)),
+                in_outbox=in_outbox[id(stores.of(p))],
             )
             total += await folder.run(end, progress=report)
         else:

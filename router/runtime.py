@@ -79,9 +79,7 @@ class Router:
         self.settings = settings or RouterSettings()
         self.primary = primary
         self.subjects = subjects
-        if isinstance(store, Store):
-            store = PartitionedStore.single(store, subjects.input_streams())
-        self.stores = store
+        self.stores = store = PartitionedStore.of_store(store, subjects.input_streams())
         self.partitions = list(range(subjects.partitions) if partitions is None else partitions)
         stats = PublisherStats()
 

@@ -62,6 +62,11 @@ class PartitionedStore:
         return cls(store, dict.fromkeys(range(len(streams)), store), streams)
 
     @classmethod
+    def of_store(cls, store: Store | PartitionedStore, streams: Sequence[str]) -> PartitionedStore:
+        """``store`` as it is if partitioned, else every partition in its one file."""
+        return store if isinstance(store, PartitionedStore) else cls.single(store, streams)
+
+    @classmethod
     async def open(
         cls,
         path: Path,
