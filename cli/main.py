@@ -151,7 +151,19 @@ def _parser() -> argparse.ArgumentParser:
         "rebuild", parents=[client], help="drop local state and rebuild it"
     )
     rebuild.add_argument("--json", action="store_true", help="JSON summary")
+    rebuild.add_argument(
+        "--full",
+        action="store_true",
+        help="fold every stream from its first message, not from the last snapshot",
+    )
     rebuild.set_defaults(run=lambda a, c: _rebuild(a, c))
+    snapshot = replay_sub.add_parser(
+        "snapshot",
+        parents=[client],
+        help="snapshot the state into JetStream now (a rebuild starts from it)",
+    )
+    snapshot.add_argument("--json", action="store_true", help="JSON summary")
+    snapshot.set_defaults(run=lambda a, c: _snapshot(a, c))
     replay_common = argparse.ArgumentParser(add_help=False, parents=[client])
     replay_common.add_argument(
         "--dry-run",
@@ -375,7 +387,13 @@ async def _mllp(args: argparse.Namespace, ctx: Context) -> int:
 async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:
     from caresync.cli.replay import run_rebuild
 
-    return await run_rebuild(ctx, args.nats, args.json)
+    return await run_rebuild(ctx, args.nats, args.json, args.full)
+
+
+async def _snapshot(args: argparse.Namespace, ctx: Context) -> int:
+    from caresync.cli.replay import run_snapshot
+
+    return await run_snapshot(ctx, args.nats, args.json)
 
 
 async def _replay_entity(args: argparse.Namespace, ctx: Context) -> int:

@@ -21,7 +21,7 @@ import nats.js.errors
 from caresync.actors import default_registry
 from caresync.actors.contract import Registry
 from caresync.cli.common import CommandError, Context, connect_client, print_json
-from caresync.cli.datadir import DataDirError, DataDirLock, read_server_record
+from caresync.cli.datadir import DataDirError, DataDirLock, pid_alive, read_server_record
 from caresync.cli.up import mappings_config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.errors import RouterError
@@ -32,8 +32,9 @@ from caresync.router.replay_diff import EffectLine, EntityReplay, totals
 from caresync.router.replay_entity import EntityReplayer, History
 from caresync.router.replay_streams import read_catalog
 from caresync.router.service import make_transport, open_store, store_path, subjects_for
+from caresync.router.snapshots import Restored, Snapshots, provision_bucket
 from caresync.router.worker import WorkerSettings
-from caresync.store import PartitionedStore
+from caresync.store import PartitionedStore, partition_path
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LISTED = 20
@@ -68,9 +69,70 @@ async def _broker_url(ctx: Context, nats_flag: str | None, stack: AsyncExitStack
     return url
 
 
+def _restored(r: Restored) -> dict[str, Any]:
+    out: dict[str, Any] = {"streams": list(r.streams), "used": r.used}
+    if r.reason:
+        out["reason"] = r.reason
+    if r.info is not None:
+        out["offsets"] = r.info.offsets
+        out["rows"] = r.info.rows
+        out["taken_at"] = r.info.created_at
+    return out
+
+
+def _offsets(offsets: dict[str, int]) -> str:
+    return ", ".join(f"{stream} seq {seq}" for stream, seq in offsets.items())
+
+
+# -- snapshot -------------------------------------------------------------------------------------
+async def run_snapshot(ctx: Context, nats_flag: str | None, as_json: bool) -> int:
+    """Snapshot every partition file of the data dir into JetStream now (router running or not)."""
+    configure_logging("warning", ctx.config.log.format)
+    async with AsyncExitStack() as stack:
+        url = nats_flag or ctx.config.nats.url
+        if not url:
+            try:
+                record = read_server_record(ctx.data_dir)
+            except DataDirError as exc:
+                raise CommandError(str(exc)) from exc
+            if record is not None and pid_alive(record.pid):
+                url = record.url  # the running router's broker, embedded or not
+        if not url:
+            url = await _broker_url(ctx, None, stack)
+        nc = await connect_client(url)
+        stack.push_async_callback(nc.close)
+        subjects = subjects_for(ctx.config)
+        js = nc.jetstream()
+        try:
+            await provision_bucket(js, subjects, ctx.config.streams)
+        except RouterError as exc:
+            raise CommandError(str(exc)) from exc
+        snapshots = Snapshots(js, subjects)
+        main = store_path(ctx.config, ctx.data_dir)
+        taken: list[dict[str, Any]] = []
+        for p in range(subjects.partitions):
+            path, stream = partition_path(main, p), subjects.input_stream(p)
+            if not path.exists():
+                raise CommandError(f"no store file {path} for partition {p} ({stream})")
+            try:
+                info = await snapshots.take(path, [stream])
+            except nats.js.errors.NotFoundError as exc:
+                raise CommandError(f"no stream {stream} at {url}: {exc}") from exc
+            taken.append({"stream": stream, "offset": info.offsets[stream], "rows": info.rows})
+    if as_json:
+        print_json({"snapshots": taken})
+    else:
+        for t in taken:
+            rows = ", ".join(f"{n} {table}" for table, n in t["rows"].items())
+            print(f"{t['stream']}: snapshot at seq {t['offset']} ({rows})")
+    return 0
+
+
 # -- rebuild --------------------------------------------------------------------------------------
-async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool) -> int:
-    """Drop state and rebuild it; the router of this data dir must be stopped."""
+async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool, full: bool) -> int:
+    """Drop state and rebuild it; the router of this data dir must be stopped.
+
+    From each file's snapshot in JetStream where one is sound, unless ``full``."""
     configure_logging("warning", ctx.config.log.format)
     lock = _lock(ctx, "caresync replay rebuild", "a rebuild")
     try:
@@ -106,6 +168,7 @@ async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool) -> int
                     settings=WorkerSettings.from_config(ctx.config),
                     progress=progress,
                     refdata=catalog.at,
+                    snapshots=None if full else Snapshots(nc.jetstream(), subjects),
                 )
             except nats.js.errors.NotFoundError as exc:
                 raise CommandError(f"no input stream to rebuild from at {url}: {exc}") from exc
@@ -115,10 +178,17 @@ async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool) -> int
             "elapsed_s": round(report.elapsed_s, 3),
             "messages_per_s": round(report.messages / report.elapsed_s) if report.elapsed_s else 0,
             "pending_effects": report.pending_effects,
+            "snapshots": [_restored(r) for r in report.snapshots],
         }
         if as_json:
             print_json(summary)
         else:
+            for r in report.snapshots:
+                streams = ", ".join(r.streams)
+                if r.used and r.info is not None:
+                    print(f"{streams}: from the snapshot at {_offsets(r.info.offsets)}")
+                else:
+                    print(f"{streams}: from the start ({r.reason})")
             print(
                 f"rebuilt {summary['entities']} entities from {summary['messages']} messages in "
                 f"{summary['elapsed_s']} s ({summary['messages_per_s']} msgs/s); "

@@ -22,6 +22,7 @@ __all__ = [
     "NatsConfig",
     "OutboxConfig",
     "RouterConfig",
+    "SnapshotsConfig",
     "StoreConfig",
     "StreamsConfig",
     "SupervisionConfig",
@@ -157,6 +158,19 @@ class StoreConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     ] = 5000
 
 
+class SnapshotsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """State snapshots in JetStream, from which ``replay rebuild`` starts (then folds the tail)."""
+
+    every_s: Annotated[
+        float,
+        Meta(ge=0, description="How often the router snapshots its state; 0 turns it off"),
+    ] = 900.0
+    min_messages: Annotated[
+        int,
+        Meta(ge=1, description="Messages applied since the last snapshot before another is due"),
+    ] = 10_000
+
+
 class OutboxConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Transactional outbox publisher."""
 
@@ -288,6 +302,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     supervision: SupervisionConfig = msgspec.field(default_factory=SupervisionConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
+    snapshots: SnapshotsConfig = msgspec.field(default_factory=SnapshotsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     downstream: DownstreamConfig = msgspec.field(default_factory=DownstreamConfig)

@@ -1,4 +1,4 @@
-"""Creates and updates the streams the router needs, idempotently.
+"""Creates and updates the streams (and the snapshot bucket) the router needs, idempotently.
 
 Run at every start: a missing stream is created, one whose managed settings differ from the
 configuration is updated, and a setting JetStream cannot change in place (storage type) is
@@ -16,6 +16,7 @@ from nats.js import JetStreamContext, api
 from caresync.codecs import Subjects
 from caresync.config import StreamsConfig
 from caresync.router.errors import ProvisioningError
+from caresync.router.snapshots import bucket_name, provision_bucket
 
 log = structlog.get_logger("caresync.provision")
 
@@ -126,6 +127,8 @@ async def provision(js: JetStreamContext, subjects: Subjects, cfg: StreamsConfig
                     f"cannot update stream {spec.name} ({'; '.join(diffs)}): {exc}"
                 ) from exc
             done.append(f"updated stream {spec.name}: {'; '.join(diffs)}")
+    if await provision_bucket(js, subjects, cfg):
+        done.append(f"created object store {bucket_name(subjects)}")
     for line in done:
         log.info("provisioned", change=line)
     return done

@@ -19,6 +19,7 @@ from caresync.codecs import Subjects
 from caresync.router.errors import RouterError
 from caresync.router.publisher import Publisher
 from caresync.router.replay_fold import PartitionFold, outbox_keys
+from caresync.router.snapshots import Restored, Snapshots, restore_all
 from caresync.router.transport import Transport
 from caresync.router.worker import PartitionWorker, WorkerSettings
 from caresync.store import PartitionedStore, Store
@@ -35,6 +36,8 @@ class RebuildReport:
     elapsed_s: float
     pending_effects: int
     """Effects the replay found that were never sent; the router sends them at its next start."""
+    snapshots: tuple[Restored, ...] = ()
+    """What became of each store file's snapshot (empty: none were asked for)."""
 
 
 async def sent_effect_keys(
@@ -88,12 +91,16 @@ async def rebuild(
     progress: Callable[[int], None] | None = None,
     refdata: Callable[[int], Any] | None = None,
     fold: bool = True,
+    snapshots: Snapshots | None = None,
 ) -> RebuildReport:
-    """Reset derived state and re-apply every input stream from its first message.
+    """Reset derived state and re-apply every input stream from its first message (or from
+    the snapshot of its file, with ``snapshots``).
 
     Effects already sent are recognised by their idempotency keys (the Msg-Ids in the
     streams) and not sent again; effects that were never sent are left in the outbox for the
     router's next start.  ``fold=False``: through the live pipeline (slower, same result).
+    ``snapshots``: start each file from its snapshot in JetStream where that is sound (else
+    from the start, as without), and fold only the streams past it.
     """
     started = time.monotonic()
     found: list[set[str]] = []
@@ -111,7 +118,11 @@ async def rebuild(
     else:
         await already_sent()
     stores = PartitionedStore.of_store(store, subjects.input_streams())
-    await stores.reset_state()
+    restored: list[Restored] = []
+    if snapshots is not None:
+        restored = await restore_all(snapshots, stores, subjects, already_sent)
+    else:
+        await stores.reset_state()
     # What each file's outbox holds before anything is folded (read once per file).
     in_outbox = {id(s): await outbox_keys(s) if fold else frozenset() for s in stores.distinct()}
     total = 0
@@ -158,4 +169,5 @@ async def rebuild(
         entities=counts["entities"],
         elapsed_s=time.monotonic() - started,
         pending_effects=counts["outbox_pending"],
+        snapshots=tuple(restored),
     )

@@ -23,6 +23,7 @@ from caresync.router.processes import ProcessGroup, partitions_of
 from caresync.router.provision import provision
 from caresync.router.refdata import RefDataCatalog
 from caresync.router.runtime import Router, RouterSettings
+from caresync.router.snapshots import Snapshots, SnapshotTask, file_streams
 from caresync.store import PartitionedStore
 
 log = structlog.get_logger("caresync.service")
@@ -200,6 +201,14 @@ class RouterService:
                 self.ingest = ingest
                 await tg.start(ingest.run)
             await background(control.serve)
+            await background(
+                SnapshotTask(
+                    Snapshots(nc.jetstream(), self.subjects),
+                    file_streams(store, self.subjects, self.partitions),
+                    every_s=cfg.snapshots.every_s,
+                    min_messages=cfg.snapshots.min_messages,
+                ).run
+            )
             if self.primary:
                 # -- downstream connectors (issue 3, part 4): one worker per enabled system;
                 # cancelled only once the router has drained.

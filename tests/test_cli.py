@@ -142,6 +142,12 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
         missing = run("status", "--data-dir", str(data), "appointment", "nope")
         assert missing.returncode == 1
         assert "no appointment 'nope' is known" in missing.stdout
+        # A snapshot of the running router's state, into JetStream: a rebuild starts there.
+        snap = run("replay", "snapshot", "--data-dir", str(data), "--json")
+        assert snap.returncode == 0, snap.stdout + snap.stderr
+        (taken,) = json.loads(snap.stdout)["snapshots"]
+        assert taken["offset"] > 0
+        assert taken["rows"]["entities"] == live_entities
 
         started = time.monotonic()
         up.send_signal(signal.SIGTERM)
@@ -166,6 +172,14 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
     report = json.loads(rebuilt.stdout)
     assert report["entities"] == live_entities
     assert report["pending_effects"] == 0
+    (restored,) = report["snapshots"]
+    assert restored["used"]
+    assert restored["offsets"] == {"CARESYNC_IN": taken["offset"]}
+    assert report["messages"] < taken["offset"]  # only what came after the snapshot
+    full = run("replay", "rebuild", "--data-dir", str(data), "--full", timeout_s=60)
+    assert full.returncode == 0, full.stdout + full.stderr
+    assert f"rebuilt {live_entities} entities from " in full.stdout
+    assert "snapshot" not in full.stdout
 
 
 def test_health_says_why_when_nothing_listens(tmp_path: Path) -> None:

@@ -1,0 +1,307 @@
+"""State snapshots kept in JetStream, so that a rebuild folds only the tail of the streams.
+
+One object per store file in the bucket ``<stream prefix>_SNAPSHOTS`` (a JetStream object
+store, with the streams' replicas and storage), named after the input streams the file holds;
+putting a new one replaces the last.  Each is a state file (:mod:`caresync.store.state_file`):
+the file's derived state at the offsets it names, taken in one read transaction while the
+router runs.
+
+A rebuild uses a snapshot only when it is sound for this deployment, and says why not
+otherwise: the same input streams (same partitioning), each stream the same one the snapshot
+was taken from (its creation time) and holding the snapshot's offset, the same store schema
+and the same actor and codec code (:func:`logic_fingerprint`: a rebuild after a fix of the
+actors' logic must fold from the start, so it does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence, Set
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import anyio
+import nats.errors
+import nats.js.errors
+import structlog
+from anyio.abc import TaskStatus
+from nats.js import JetStreamContext, api
+from nats.js.object_store import ObjectStore
+
+from caresync.codecs import Subjects
+from caresync.config import StreamsConfig
+from caresync.router.errors import ProvisioningError
+from caresync.store import PartitionedStore, Store, StoreError
+from caresync.store.schema import SCHEMA_VERSION
+from caresync.store.state_file import (
+    SnapshotFileError,
+    SnapshotInfo,
+    mark_sent,
+    read_state_info,
+    restore_state_file,
+    write_state_file,
+)
+
+log = structlog.get_logger("caresync.snapshots")
+
+_CHUNK_BYTES = 512 * 1024
+"""Object chunk size (the server's default max_payload is 1 MiB)."""
+_LOGIC_PACKAGES = ("caresync.actors", "caresync.codecs")
+_fingerprint: list[str] = []
+
+
+def logic_fingerprint() -> str:
+    """A hash of the code that derives state from the streams (actors and codecs)."""
+    if not _fingerprint:
+        digest = hashlib.sha256()
+        for package in _LOGIC_PACKAGES:
+            root = resources.files(package)
+            for entry in sorted(root.iterdir(), key=lambda e: e.name):
+                if entry.name.endswith(".py") and entry.is_file():
+                    digest.update(entry.name.encode() + b"\0" + entry.read_bytes())
+        _fingerprint.append(digest.hexdigest()[:16])
+    return _fingerprint[0]
+
+
+def bucket_name(subjects: Subjects) -> str:
+    """The object store bucket of a deployment's snapshots."""
+    return f"{subjects.stream_prefix}_SNAPSHOTS"
+
+
+def object_name(streams: Sequence[str]) -> str:
+    """A snapshot's object name: the input streams its file holds."""
+    return "+".join(streams)
+
+
+async def provision_bucket(js: JetStreamContext, subjects: Subjects, cfg: StreamsConfig) -> bool:
+    """Create the snapshot bucket if it is missing; True if it was created."""
+    name = bucket_name(subjects)
+    try:
+        await js.object_store(name)
+        return False
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        await js.create_object_store(
+            name,
+            config=api.ObjectStoreConfig(
+                description="caresync state snapshots, one per store file (replay rebuild)",
+                storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY,
+                replicas=cfg.replicas,
+            ),
+        )
+    except nats.js.errors.APIError as exc:
+        raise ProvisioningError(f"cannot create object store {name}: {exc}") from exc
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a rebuild made of one store file's snapshot."""
+
+    streams: tuple[str, ...]
+    used: bool
+    reason: str = ""
+    """Why it was not used (empty when used)."""
+    info: SnapshotInfo | None = None
+    pending_effects: int = 0
+    """Effects the snapshot held as pending that the store did not have."""
+
+
+def file_streams(
+    stores: PartitionedStore, subjects: Subjects, partitions: Sequence[int]
+) -> list[tuple[Store, list[str]]]:
+    """Each distinct file of ``partitions`` with the input streams it holds."""
+    out: list[tuple[Store, list[str]]] = []
+    for p in partitions:
+        store = stores.of(p)
+        for seen, streams in out:
+            if seen is store:
+                streams.append(subjects.input_stream(p))
+                break
+        else:
+            out.append((store, [subjects.input_stream(p)]))
+    return out
+
+
+class Snapshots:
+    """Takes snapshots of store files into the bucket, and restores them."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+        self._js = js
+        self.subjects = subjects
+        self._bucket: ObjectStore | None = None
+
+    async def bucket(self) -> ObjectStore:
+        if self._bucket is None:
+            self._bucket = await self._js.object_store(bucket_name(self.subjects))
+        return self._bucket
+
+    async def _identities(self, streams: Sequence[str]) -> dict[str, str]:
+        """Each stream's creation time: a stream deleted and made again is another log."""
+        out: dict[str, str] = {}
+        for stream in streams:
+            info = await self._js.stream_info(stream)
+            out[f"created.{stream}"] = info.created.isoformat() if info.created else ""
+        return out
+
+    async def take(self, path: Path, streams: Sequence[str]) -> SnapshotInfo:
+        """Snapshot the store file at ``path`` now and put it in the bucket (replacing the
+        last one); the router may be running."""
+        extra = await self._identities(streams)
+        bucket = await self.bucket()
+        with tempfile.TemporaryDirectory(prefix="snapshot-", dir=path.parent) as tmp:
+            dest = Path(tmp) / "state.db"
+            info = await anyio.to_thread.run_sync(
+                lambda: write_state_file(
+                    path, dest, streams=streams, logic=logic_fingerprint(), extra=extra
+                )
+            )
+            with dest.open("rb") as data:
+                await bucket.put(
+                    object_name(streams),
+                    data,
+                    meta=api.ObjectMeta(
+                        description=f"state at {info.offsets}",
+                        options=api.ObjectMetaOptions(max_chunk_size=_CHUNK_BYTES),
+                    ),
+                )
+        log.info("snapshot_taken", streams=list(streams), offsets=info.offsets, rows=info.rows)
+        return info
+
+    async def restore(self, store: Store, streams: Sequence[str]) -> Restored:
+        """Put the file's snapshot into ``store`` if it is sound here; say why not otherwise.
+
+        Restoring replaces the derived state (as a reset would); when the snapshot is not
+        used, the store is left as it was.
+        """
+        name = object_name(streams)
+        try:
+            bucket = await self.bucket()
+        except nats.js.errors.BucketNotFoundError:
+            return Restored(tuple(streams), False, f"no bucket {bucket_name(self.subjects)}")
+        with tempfile.TemporaryDirectory(prefix="snapshot-", dir=store.path.parent) as tmp:
+            path = Path(tmp) / "state.db"
+            try:
+                with path.open("wb") as out:
+                    await bucket.get(name, writeinto=out)
+            except nats.js.errors.ObjectNotFoundError:
+                return Restored(tuple(streams), False, f"no snapshot {name!r} in the bucket")
+            except nats.js.errors.DigestMismatchError:
+                return Restored(tuple(streams), False, f"snapshot {name!r} fails its digest")
+            try:
+                info = await anyio.to_thread.run_sync(read_state_info, path)
+            except SnapshotFileError as exc:
+                return Restored(tuple(streams), False, str(exc))
+            reason = await self._unsound(info, streams)
+            if reason:
+                return Restored(tuple(streams), False, reason, info)
+            added = await restore_state_file(store, path)
+        log.info("snapshot_restored", streams=list(streams), offsets=info.offsets, rows=info.rows)
+        return Restored(tuple(streams), True, "", info, len(added))
+
+    async def _unsound(self, info: SnapshotInfo, streams: Sequence[str]) -> str:
+        if tuple(info.streams) != tuple(streams):
+            return f"snapshot holds streams {list(info.streams)}, the file {list(streams)}"
+        if info.schema_version != SCHEMA_VERSION:
+            return f"snapshot has store schema {info.schema_version}, this is {SCHEMA_VERSION}"
+        if info.logic != logic_fingerprint():
+            return (
+                f"snapshot was taken by other actor or codec code ({info.logic}, this is "
+                f"{logic_fingerprint()}): folding from the start applies this code to all of it"
+            )
+        identities = await self._identities(streams)
+        for stream in streams:
+            if info.extra.get(f"created.{stream}") != identities[f"created.{stream}"]:
+                return f"stream {stream} was created again after the snapshot"
+            state = (await self._js.stream_info(stream)).state
+            offset = info.offsets.get(stream, 0)
+            if offset > state.last_seq:
+                return (
+                    f"snapshot is at {stream} seq {offset}, past the stream's last {state.last_seq}"
+                )
+        return ""
+
+
+async def restore_all(
+    snapshots: Snapshots,
+    stores: PartitionedStore,
+    subjects: Subjects,
+    already_sent: Callable[[], Awaitable[Set[str]]],
+) -> list[Restored]:
+    """Restore every file's snapshot; files without a sound one are reset instead.
+
+    ``already_sent`` (an async callable giving the Msg-Ids in the streams) is asked only if a
+    snapshot brought pending effects the store did not have; those the streams hold are then
+    recorded as sent, so that the next start does not send them again.
+    """
+    results: list[Restored] = []
+    for store, streams in file_streams(stores, subjects, range(subjects.partitions)):
+        result = await snapshots.restore(store, streams)
+        if not result.used:
+            log.info("snapshot_not_used", streams=streams, reason=result.reason)
+            await store.reset_state()
+        elif result.pending_effects:
+            sent = await already_sent()
+            async with store.connection.execute(
+                "SELECT key FROM outbox WHERE status = 'pending'"
+            ) as cur:
+                pending = [key for (key,) in await cur.fetchall()]
+            await mark_sent(store, [key for key in pending if key in sent])
+        results.append(result)
+    return results
+
+
+class SnapshotTask:
+    """Takes a snapshot of each of this process's files now and then (``snapshots`` config).
+
+    Due every ``every_s`` once ``min_messages`` more were applied; a failed one is logged and
+    tried again at the next round, the pipeline goes on either way.
+    """
+
+    def __init__(
+        self,
+        snapshots: Snapshots,
+        files: Sequence[tuple[Store, Sequence[str]]],
+        *,
+        every_s: float,
+        min_messages: int,
+    ) -> None:
+        self._snapshots = snapshots
+        self._files = list(files)
+        self._every_s = every_s
+        self._min_messages = min_messages
+        self._taken: dict[str, int] = {}
+        """Per stream, the offset of the last snapshot taken (0 at start)."""
+        self.taken = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if self._every_s <= 0:
+            return
+        while True:
+            await anyio.sleep(self._every_s)
+            await self.round()
+
+    async def round(self) -> int:
+        """Snapshot the files that are due; returns how many were taken."""
+        taken = 0
+        for store, streams in self._files:
+            try:
+                offsets = {s: await store.offset(s) for s in streams}
+                moved = sum(offsets[s] - self._taken.get(s, 0) for s in streams)
+                if moved < self._min_messages:
+                    continue
+                started = time.monotonic()
+                info = await self._snapshots.take(store.path, streams)
+            except (StoreError, nats.errors.Error, OSError) as exc:
+                log.warning("snapshot_failed", streams=list(streams), error=str(exc))
+                continue
+            self._taken.update(info.offsets)
+            taken += 1
+            self.taken += 1
+            log.info("snapshot_round", streams=list(streams), took_s=time.monotonic() - started)
+        return taken
