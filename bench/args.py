@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peer-runs", type=int, default=1, help="runs of the peer (its medians; default 1)"
     )
+    parser.add_argument(
+        "--tail",
+        type=float,
+        default=0.1,
+        help="replay: share of the commands published after the state snapshot (default 0.1)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
     parser.add_argument("--quick", action="store_true", help="small N for smoke tests")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")

@@ -64,6 +64,32 @@ def command_chunks(
         )
 
 
+def split_at(chunks: Iterator[Chunk], at: int) -> tuple[Iterator[Chunk], Iterator[Chunk]]:
+    """The first ``at`` commands, and then the others (read the first iterator first).
+
+    A chunk cut in two gives its key and kind counts to its first part: the sums stay true.
+    """
+    rest: list[Chunk] = []
+
+    def head() -> Iterator[Chunk]:
+        seen = 0
+        for chunk in chunks:
+            if seen + len(chunk.messages) <= at:
+                seen += len(chunk.messages)
+                yield chunk
+                continue
+            cut = at - seen
+            yield Chunk(chunk.messages[:cut], chunk.keys, chunk.kinds)
+            rest.append(Chunk(chunk.messages[cut:], 0, Counter()))
+            return
+
+    def tail() -> Iterator[Chunk]:
+        yield from rest
+        yield from chunks
+
+    return head(), tail()
+
+
 @dataclass(slots=True)
 class Published:
     """What :func:`publish_chunks` sent."""
@@ -74,6 +100,15 @@ class Published:
     """PubAcks that came back ``duplicate`` (none expected: every Msg-Id is new)."""
     elapsed_s: float = 0.0
     kinds: Counter[str] = field(default_factory=Counter)
+
+    def __add__(self, other: Published) -> Published:
+        return Published(
+            self.messages + other.messages,
+            self.keys + other.keys,
+            self.duplicates + other.duplicates,
+            self.elapsed_s + other.elapsed_s,
+            self.kinds + other.kinds,
+        )
 
 
 async def publish_chunks(js: JetStreamContext, chunks: Iterator[Chunk]) -> Published:

@@ -77,6 +77,7 @@ def _restored(r: Restored) -> dict[str, Any]:
         out["offsets"] = r.info.offsets
         out["rows"] = r.info.rows
         out["taken_at"] = r.info.created_at
+        out["bytes"] = r.info.size
     return out
 
 
@@ -118,13 +119,20 @@ async def run_snapshot(ctx: Context, nats_flag: str | None, as_json: bool) -> in
                 info = await snapshots.take(path, [stream])
             except nats.js.errors.NotFoundError as exc:
                 raise CommandError(f"no stream {stream} at {url}: {exc}") from exc
-            taken.append({"stream": stream, "offset": info.offsets[stream], "rows": info.rows})
+            taken.append(
+                {
+                    "stream": stream,
+                    "offset": info.offsets[stream],
+                    "rows": info.rows,
+                    "bytes": info.size,
+                }
+            )
     if as_json:
         print_json({"snapshots": taken})
     else:
         for t in taken:
             rows = ", ".join(f"{n} {table}" for table, n in t["rows"].items())
-            print(f"{t['stream']}: snapshot at seq {t['offset']} ({rows})")
+            print(f"{t['stream']}: snapshot at seq {t['offset']}, {t['bytes']:,} bytes ({rows})")
     return 0
 
 
@@ -179,6 +187,7 @@ async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool, full: 
             "messages_per_s": round(report.messages / report.elapsed_s) if report.elapsed_s else 0,
             "pending_effects": report.pending_effects,
             "snapshots": [_restored(r) for r in report.snapshots],
+            "restore_s": round(report.restore_s, 3),
         }
         if as_json:
             print_json(summary)

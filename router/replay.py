@@ -38,6 +38,8 @@ class RebuildReport:
     """Effects the replay found that were never sent; the router sends them at its next start."""
     snapshots: tuple[Restored, ...] = ()
     """What became of each store file's snapshot (empty: none were asked for)."""
+    restore_s: float = 0.0
+    """Of ``elapsed_s``, the time spent fetching and restoring snapshots."""
 
 
 async def sent_effect_keys(
@@ -119,8 +121,11 @@ async def rebuild(
         await already_sent()
     stores = PartitionedStore.of_store(store, subjects.input_streams())
     restored: list[Restored] = []
+    restore_s = 0.0
     if snapshots is not None:
+        restore_started = time.monotonic()
         restored = await restore_all(snapshots, stores, subjects, already_sent)
+        restore_s = time.monotonic() - restore_started
     else:
         await stores.reset_state()
     # What each file's outbox holds before anything is folded (read once per file).
@@ -170,4 +175,5 @@ async def rebuild(
         elapsed_s=time.monotonic() - started,
         pending_effects=counts["outbox_pending"],
         snapshots=tuple(restored),
+        restore_s=restore_s,
     )

@@ -15,6 +15,7 @@ actors' logic must fold from the start, so it does).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import tempfile
 import time
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 import nats.errors
@@ -49,6 +51,8 @@ log = structlog.get_logger("caresync.snapshots")
 
 _CHUNK_BYTES = 512 * 1024
 """Object chunk size (the server's default max_payload is 1 MiB)."""
+_FETCH_CHUNKS = 32
+"""Chunks asked for at once when reading a snapshot."""
 _LOGIC_PACKAGES = ("caresync.actors", "caresync.codecs")
 _fingerprint: list[str] = []
 
@@ -187,11 +191,11 @@ class Snapshots:
             path = Path(tmp) / "state.db"
             try:
                 with path.open("wb") as out:
-                    await bucket.get(name, writeinto=out)
+                    await self._fetch(bucket, name, out)
             except nats.js.errors.ObjectNotFoundError:
                 return Restored(tuple(streams), False, f"no snapshot {name!r} in the bucket")
-            except nats.js.errors.DigestMismatchError:
-                return Restored(tuple(streams), False, f"snapshot {name!r} fails its digest")
+            except SnapshotFileError as exc:
+                return Restored(tuple(streams), False, str(exc))
             try:
                 info = await anyio.to_thread.run_sync(read_state_info, path)
             except SnapshotFileError as exc:
@@ -202,6 +206,41 @@ class Snapshots:
             added = await restore_state_file(store, path)
         log.info("snapshot_restored", streams=list(streams), offsets=info.offsets, rows=info.rows)
         return Restored(tuple(streams), True, "", info, len(added))
+
+    async def _fetch(self, bucket: ObjectStore, name: str, out: BinaryIO) -> None:
+        """Write the object's chunks to ``out``, checking their count, size and digest.
+
+        A pull consumer on the object's chunk subject: nats-py's own ``get`` reads through an
+        ordered push consumer at about 16 MB/s here, this at several hundred.
+        """
+        info = await bucket.get_info(name)
+        chunks, size = int(info.chunks or 0), int(info.size or 0)
+        digest = hashlib.sha256()
+        got = read = 0
+        if chunks:
+            sub = await self._js.pull_subscribe(
+                f"$O.{bucket_name(self.subjects)}.C.{info.nuid}",
+                stream=f"OBJ_{bucket_name(self.subjects)}",
+                config=api.ConsumerConfig(
+                    ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True
+                ),
+            )
+            try:
+                while read < chunks:
+                    for msg in await sub.fetch(min(_FETCH_CHUNKS, chunks - read), timeout=10.0):
+                        digest.update(msg.data)
+                        out.write(msg.data)
+                        got += len(msg.data)
+                        read += 1
+            except nats.errors.TimeoutError as exc:
+                raise SnapshotFileError(
+                    f"snapshot {name!r}: chunk {read + 1} of {chunks} did not come"
+                ) from exc
+            finally:
+                await sub.unsubscribe()
+        want = (info.digest or "").removeprefix("SHA-256=")
+        if got != size or base64.urlsafe_b64encode(digest.digest()).decode() != want:
+            raise SnapshotFileError(f"snapshot {name!r} fails its size or digest check")
 
     async def _unsound(self, info: SnapshotInfo, streams: Sequence[str]) -> str:
         if tuple(info.streams) != tuple(streams):

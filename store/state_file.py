@@ -11,6 +11,7 @@ offsets.  :mod:`caresync.router.snapshots` keeps these files in JetStream.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,8 @@ class SnapshotInfo:
     """Row count per table (the outbox: rows not confirmed sent)."""
     extra: dict[str, str] = field(default_factory=dict)
     """What the writer added (the streams' identities, for one)."""
+    size: int = 0
+    """The file's size in bytes (not kept inside it)."""
 
 
 def _table_ddl(table: str) -> str:
@@ -118,7 +121,7 @@ def write_state_file(
         dest.unlink(missing_ok=True)
         raise
     conn.close()
-    return info
+    return dataclasses.replace(info, size=dest.stat().st_size)
 
 
 class SnapshotFileError(ValueError):
@@ -145,6 +148,7 @@ def read_state_info(path: Path) -> SnapshotInfo:
             created_at=float(meta["created_at"]),
             rows={str(k): int(v) for k, v in orjson.loads(meta["rows"]).items()},
             extra={str(k): str(v) for k, v in orjson.loads(meta["extra"]).items()},
+            size=path.stat().st_size,
         )
     except (sqlite3.Error, KeyError, ValueError, TypeError, orjson.JSONDecodeError) as exc:
         if isinstance(exc, SnapshotFileError):

@@ -210,19 +210,28 @@ def test_bench_ingest_quick_json(tmp_path: Path) -> None:
 
 
 def test_bench_replay_quick_json(tmp_path: Path) -> None:
-    """A history applied live, then rebuilt: figures present, state equal to the live one."""
+    """A history applied live with a state snapshot at 90 %, then rebuilt from the snapshot and
+    in full: figures present, both states equal to the live one."""
     doc = bench_json(tmp_path, "replay")
-    for name in ("events_per_s", "source_events_per_s", "rebuild_s", "rebuild_rss_peak_mb"):
-        assert isinstance(doc[name], int | float), name
-        assert doc[name] > 0, name
+    full = doc["full"]
+    for name in ("events_per_s", "source_events_per_s", "rebuild_s", "rss_peak_mb"):
+        for figures in (doc, full):
+            assert isinstance(figures[name], int | float), name
+            assert figures[name] > 0, name
     assert doc["ok"] is True, doc["checks"]
     assert doc["conditions"]["n"] == 20_000
+    assert doc["tail_commands"] == 2_000
     assert doc["source_events"] == 20_000 + doc["checks"]["stock_commands"]
     assert doc["internal_messages"] > 0
-    assert doc["messages_replayed"] == doc["source_events"] + doc["internal_messages"]
-    assert doc["entities"] > doc["conditions"]["m"]
+    input_messages = doc["source_events"] + doc["internal_messages"]
+    assert full["messages_replayed"] == input_messages
+    assert 0 < doc["messages_replayed"] == input_messages - doc["snapshot_offset"]
+    assert doc["snapshot_used"] is True
+    assert doc["snapshot_bytes"] > 0
+    assert doc["entities"] == full["entities"] > doc["conditions"]["m"]
     assert doc["state_matches_live"] is True
-    assert doc["pending_effects"] == 0
+    assert full["state_matches_live"] is True
+    assert doc["pending_effects"] == full["pending_effects"] == 0
 
 
 def test_bench_entities_quick_json(tmp_path: Path) -> None:
