@@ -16,7 +16,7 @@ from nats.js import JetStreamContext, api
 from caresync.codecs import Subjects
 from caresync.config import StreamsConfig
 from caresync.router.errors import ProvisioningError
-from caresync.router.snapshots import bucket_name, provision_bucket
+from caresync.router.snapshots import provision_bucket
 
 log = structlog.get_logger("caresync.provision")
 
@@ -127,8 +127,9 @@ async def provision(js: JetStreamContext, subjects: Subjects, cfg: StreamsConfig
                     f"cannot update stream {spec.name} ({'; '.join(diffs)}): {exc}"
                 ) from exc
             done.append(f"updated stream {spec.name}: {'; '.join(diffs)}")
-    if await provision_bucket(js, subjects, cfg):
-        done.append(f"created object store {bucket_name(subjects)}")
+    bucket = await provision_bucket(js, subjects, cfg)
+    if bucket:
+        done.append(bucket)
     for line in done:
         log.info("provisioned", change=line)
     return done

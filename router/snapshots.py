@@ -9,13 +9,14 @@ router runs.
 A rebuild uses a snapshot only when it is sound for this deployment, and says why not
 otherwise: the same input streams (same partitioning), each stream the same one the snapshot
 was taken from (its creation time) and holding the snapshot's offset, the same store schema
-and the same actor and codec code (:func:`logic_fingerprint`: a rebuild after a fix of the
-actors' logic must fold from the start, so it does).
+and the same actor, codec and per-message runtime code (:func:`logic_fingerprint`: a rebuild
+after a fix of the actors' logic must fold from the start, so it does).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import tempfile
 import time
@@ -36,7 +37,7 @@ from nats.js.object_store import ObjectStore
 from caresync.codecs import Subjects
 from caresync.config import StreamsConfig
 from caresync.router.errors import ProvisioningError
-from caresync.store import PartitionedStore, Store, StoreError
+from caresync.store import PartitionedStore, Store
 from caresync.store.schema import SCHEMA_VERSION
 from caresync.store.state_file import (
     SnapshotFileError,
@@ -53,18 +54,25 @@ _CHUNK_BYTES = 512 * 1024
 """Object chunk size (the server's default max_payload is 1 MiB)."""
 _FETCH_CHUNKS = 32
 """Chunks asked for at once when reading a snapshot."""
-_LOGIC_PACKAGES = ("caresync.actors", "caresync.codecs")
+_LOGIC: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("caresync.actors", ()),
+    ("caresync.codecs", ()),
+    # What the runtime decides per message: dedupe, supervision and parking, decoding, rows.
+    ("caresync.router", ("actor.py", "decoding.py", "outbox_rows.py", "replay_fold_apply.py")),
+)
+"""The code that derives state from the streams: (package, its modules; () for all)."""
 _fingerprint: list[str] = []
 
 
 def logic_fingerprint() -> str:
-    """A hash of the code that derives state from the streams (actors and codecs)."""
+    """A hash of the code that derives state from the streams (:data:`_LOGIC`)."""
     if not _fingerprint:
         digest = hashlib.sha256()
-        for package in _LOGIC_PACKAGES:
+        for package, modules in _LOGIC:
             root = resources.files(package)
             for entry in sorted(root.iterdir(), key=lambda e: e.name):
-                if entry.name.endswith(".py") and entry.is_file():
+                wanted = entry.name in modules if modules else entry.name.endswith(".py")
+                if wanted and entry.is_file():
                     digest.update(entry.name.encode() + b"\0" + entry.read_bytes())
         _fingerprint.append(digest.hexdigest()[:16])
     return _fingerprint[0]
@@ -80,26 +88,37 @@ def object_name(streams: Sequence[str]) -> str:
     return "+".join(streams)
 
 
-async def provision_bucket(js: JetStreamContext, subjects: Subjects, cfg: StreamsConfig) -> bool:
-    """Create the snapshot bucket if it is missing; True if it was created."""
+async def provision_bucket(js: JetStreamContext, subjects: Subjects, cfg: StreamsConfig) -> str:
+    """Create the snapshot bucket if it is missing, or give it the configured replicas;
+    what was done, in one line ("" if nothing)."""
     name = bucket_name(subjects)
     try:
-        await js.object_store(name)
-        return False
-    except nats.js.errors.BucketNotFoundError:
-        pass
+        info = await js.stream_info(f"OBJ_{name}")
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.create_object_store(
+                name,
+                config=api.ObjectStoreConfig(
+                    description="caresync state snapshots, one per store file (replay rebuild)",
+                    storage=api.StorageType.FILE
+                    if cfg.storage == "file"
+                    else api.StorageType.MEMORY,
+                    replicas=cfg.replicas,
+                ),
+            )
+        except nats.js.errors.APIError as exc:
+            raise ProvisioningError(f"cannot create object store {name}: {exc}") from exc
+        return f"created object store {name}"
+    have = info.config.num_replicas or 1
+    if have == cfg.replicas:
+        return ""
     try:
-        await js.create_object_store(
-            name,
-            config=api.ObjectStoreConfig(
-                description="caresync state snapshots, one per store file (replay rebuild)",
-                storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY,
-                replicas=cfg.replicas,
-            ),
-        )
+        await js.update_stream(config=dataclasses.replace(info.config, num_replicas=cfg.replicas))
     except nats.js.errors.APIError as exc:
-        raise ProvisioningError(f"cannot create object store {name}: {exc}") from exc
-    return True
+        raise ProvisioningError(
+            f"cannot update object store {name} (replicas {have} -> {cfg.replicas}): {exc}"
+        ) from exc
+    return f"updated object store {name}: replicas {have} -> {cfg.replicas}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,8 +355,8 @@ class SnapshotTask:
                     continue
                 started = time.monotonic()
                 info = await self._snapshots.take(store.path, streams)
-            except (StoreError, nats.errors.Error, OSError) as exc:
-                log.warning("snapshot_failed", streams=list(streams), error=str(exc))
+            except Exception as exc:  # best effort: the pipeline goes on regardless
+                log.warning("snapshot_failed", streams=list(streams), error=repr(exc))
                 continue
             self._taken.update(info.offsets)
             taken += 1

@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from caresync.router.errors import ProvisioningError
 from caresync.router.provision import provision
 from caresync.router.service import subjects_for
+from caresync.router.snapshots import bucket_name
 
 pytestmark = pytest.mark.anyio
 
@@ -33,14 +34,19 @@ async def test_provisioning_is_idempotent_and_follows_config_changes(
     subjects = subjects_for(cfg)
     created = await provision(js, subjects, cfg.streams)
     assert sorted(created) == sorted(
-        f"created stream {name}"
-        for name in (
-            subjects.input_stream(0),
-            subjects.output_stream,
-            subjects.raw_stream,
-            subjects.dead_letter_stream,
-            subjects.refdata_stream,
-        )
+        [
+            *(
+                f"created stream {name}"
+                for name in (
+                    subjects.input_stream(0),
+                    subjects.output_stream,
+                    subjects.raw_stream,
+                    subjects.dead_letter_stream,
+                    subjects.refdata_stream,
+                )
+            ),
+            f"created object store {bucket_name(subjects)}",
+        ]
     )
     assert await provision(js, subjects, cfg.streams) == []
 

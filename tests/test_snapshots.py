@@ -10,6 +10,7 @@ code, a stream made again) is not used and says why.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import sqlite3
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats.js.errors
 import pytest
 from harness import client, load_refdata, make_config, running, wait_for
 from test_replay_fold import REGISTRY, dump, history, publish, rebuild_env, refdata_v2, settled
 
+from caresync.codecs import Subjects
 from caresync.codecs.refdata import encode_refdata_set
 from caresync.config import Config
 from caresync.router import snapshots as snapshots_module
@@ -183,8 +186,10 @@ async def test_a_stream_made_again_or_no_snapshot_at_all_is_a_fold_from_the_star
         missing = await snapshots.restore(store, [stream])
         assert not missing.used
         assert missing.reason == f"no bucket {bucket_name(subjects)}"
-        assert await provision_bucket(js, subjects, cfg.streams)
-        assert not await provision_bucket(js, subjects, cfg.streams)  # there already
+        assert await provision_bucket(js, subjects, cfg.streams) == (
+            f"created object store {bucket_name(subjects)}"
+        )
+        assert await provision_bucket(js, subjects, cfg.streams) == ""  # there already
         await js.add_stream(name=stream, subjects=[f"{subjects.prefix}.in.>"])
         await js.publish(f"{subjects.prefix}.in.x.1", b"{}")
         await store.commit(BatchWrite(offsets={stream: 1}))
@@ -272,3 +277,41 @@ async def test_restored_unsent_effects_the_streams_have_are_recorded_sent(
             counts = await lost.counts()
             assert (counts["outbox_pending"], counts["outbox_sent"]) == (1, 1)
             assert await lost.outbox_row("never-sent") is not None
+
+
+async def test_the_router_snapshots_its_files_by_itself_and_a_failed_one_is_only_logged(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(unique_prefix, snapshots={"every_s": 0.2, "min_messages": 1})
+    subjects = subjects_for(cfg)
+    stream = subjects.input_stream(0)
+    before, _ = history(subjects)
+    async with running(cfg, nats_url, tmp_path, REGISTRY) as service, client(nats_url) as nc:
+        js = nc.jetstream()
+        await load_refdata(js, service)
+        await publish(nats_url, before[:10])
+        await settled(service, nats_url, cfg, tmp_path)
+        bucket = await js.object_store(bucket_name(subjects))
+
+        async def taken() -> bool:
+            try:
+                info = await bucket.get_info(stream)
+            except nats.js.errors.ObjectNotFoundError:
+                return False
+            return bool(info.size)
+
+        await wait_for(taken, what="the router's own snapshot")
+        # A bucket gone: the next snapshot fails, the router goes on.
+        assert service.router is not None
+        failing = SnapshotTask(
+            Snapshots(js, make_subjects_without_bucket(subjects)),
+            file_streams(service.router.stores, subjects, [0]),
+            every_s=0.0,
+            min_messages=1,
+        )
+        assert await failing.round() == 0
+        assert service.router.ready
+
+
+def make_subjects_without_bucket(subjects: Subjects) -> Subjects:
+    return dataclasses.replace(subjects, stream_prefix=subjects.stream_prefix + "X")
