@@ -23,6 +23,7 @@ from caresync.cli.common import (
 )
 from caresync.codecs import CodecError, Envelope, decode_envelope, encode_envelope
 from caresync.router.service import subjects_for
+from caresync.router.snapshots import Snapshots
 
 
 async def run_health(ctx: Context, nats_flag: str | None, timeout_s: float, as_json: bool) -> int:
@@ -66,9 +67,12 @@ async def run_status(
     url = resolve_url(ctx, nats_flag)
     nc = await connect_client(url)
     try:
-        subject = subjects_for(ctx.config).control("status")
+        subjects = subjects_for(ctx.config)
         body = {"kind": kind or "", "id": entity or ""}
-        reply = await request_json(nc, subject, body, 5.0)
+        reply = await request_json(nc, subjects.control("status"), body, 5.0)
+        if not kind and "error" not in reply:
+            files = [[stream] for stream in subjects.input_streams()]
+            reply["snapshots"] = await Snapshots(nc.jetstream(), subjects).listing(files)
     finally:
         await nc.close()
     if "error" in reply:
@@ -141,6 +145,15 @@ def _print_summary(reply: dict[str, Any]) -> None:
         f"outbox {counts['outbox_sent']} sent / {counts['outbox_pending']} pending / "
         f"{counts['outbox_failed']} failed"
     )
+    for snap in reply.get("snapshots", []):
+        streams = ", ".join(snap["streams"])
+        if snap["taken"]:
+            print(
+                f"snapshot {streams}: {snap['description']}, {snap['bytes'] / 1e6:,.1f} MB, "
+                f"taken {snap['taken_at']}"
+            )
+        else:
+            print(f"snapshot {streams}: none yet (a rebuild folds from the start)")
 
 
 def _documents(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 import nats.errors
@@ -188,12 +188,37 @@ class Snapshots:
                     object_name(streams),
                     data,
                     meta=api.ObjectMeta(
-                        description=f"state at {info.offsets}",
+                        description="state at "
+                        + ", ".join(f"{s} seq {seq}" for s, seq in info.offsets.items()),
                         options=api.ObjectMetaOptions(max_chunk_size=_CHUNK_BYTES),
                     ),
                 )
         log.info("snapshot_taken", streams=list(streams), offsets=info.offsets, rows=info.rows)
         return info
+
+    async def listing(self, files: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+        """What the bucket holds for each file (given by its streams), for status output."""
+        out: list[dict[str, Any]] = []
+        try:
+            bucket = await self.bucket()
+        except nats.js.errors.BucketNotFoundError:
+            return [{"streams": list(streams), "taken": False} for streams in files]
+        for streams in files:
+            try:
+                info = await bucket.get_info(object_name(streams))
+            except nats.js.errors.ObjectNotFoundError:
+                out.append({"streams": list(streams), "taken": False})
+                continue
+            out.append(
+                {
+                    "streams": list(streams),
+                    "taken": True,
+                    "taken_at": info.mtime or "",
+                    "bytes": int(info.size or 0),
+                    "description": info.description or "",
+                }
+            )
+        return out
 
     async def restore(self, store: Store, streams: Sequence[str]) -> Restored:
         """Put the file's snapshot into ``store`` if it is sound here; say why not otherwise.

@@ -138,6 +138,7 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
         assert "appointment HOSP:A 1.5: booked, 27447 at MAIN-OR" in text.stdout
         summary = run("status", "--data-dir", str(data))
         live_entities = int(summary.stdout.split("store: ")[1].split(" entities")[0])
+        assert "snapshot CARESYNC_IN: none yet" in summary.stdout
         assert "router: ready" in summary.stdout
         missing = run("status", "--data-dir", str(data), "appointment", "nope")
         assert missing.returncode == 1
@@ -148,6 +149,8 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
         (taken,) = json.loads(snap.stdout)["snapshots"]
         assert taken["offset"] > 0
         assert taken["rows"]["entities"] == live_entities
+        listed = run("status", "--data-dir", str(data))
+        assert f"snapshot CARESYNC_IN: state at CARESYNC_IN seq {taken['offset']}, " in listed.stdout
 
         started = time.monotonic()
         up.send_signal(signal.SIGTERM)
