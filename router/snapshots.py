@@ -52,6 +52,8 @@ log = structlog.get_logger("caresync.snapshots")
 
 _CHUNK_BYTES = 512 * 1024
 """Object chunk size (the server's default max_payload is 1 MiB)."""
+_TAKE_LIMIT_S = 300.0
+"""How long the router's own snapshot may hold up its stop."""
 _FETCH_CHUNKS = 32
 """Chunks asked for at once when reading a snapshot."""
 _LOGIC: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -379,7 +381,10 @@ class SnapshotTask:
                 if moved < self._min_messages:
                     continue
                 started = time.monotonic()
-                info = await self._snapshots.take(store.path, streams)
+                # Shielded (bounded): a snapshot cut off while its chunks are being put
+                # would leave them behind in the bucket, orphaned.
+                with anyio.CancelScope(shield=True), anyio.fail_after(_TAKE_LIMIT_S):
+                    info = await self._snapshots.take(store.path, streams)
             except Exception as exc:  # best effort: the pipeline goes on regardless
                 log.warning("snapshot_failed", streams=list(streams), error=repr(exc))
                 continue
