@@ -77,7 +77,8 @@ from caresync.router.processes import caresync_command
 PROFILE_ENV = "CS_BENCH_PROFILE"
 QUICK = (20_000, 2_000)
 MEASURED = (
-    "caresync replay rebuild (its own process, router stopped): rebuild() start to done = "
+    "caresync replay rebuild (its own process, one per router process; router stopped): "
+    "rebuild() start to done, over all the processes = "
     "fetch the store file's state snapshot from the JetStream object store, check it is sound "
     "here, restore it in one SQLite transaction, then fold the input-stream messages past its "
     "offset (router/replay_fold.py), nothing published"
@@ -152,7 +153,13 @@ async def snapshot_process(d: Deployment) -> tuple[dict[str, Any], float]:
             f"caresync replay snapshot exited with {done.returncode}:\n"
             + done.stderr.decode(errors="replace")
         )
-    (taken,) = orjson.loads(done.stdout)["snapshots"]
+    files = orjson.loads(done.stdout)["snapshots"]
+    # One per partition file: the offsets (messages before the snapshots) and sizes add up.
+    taken = {
+        "offset": sum(int(f["offset"]) for f in files),
+        "bytes": sum(int(f["bytes"]) for f in files),
+        "files": len(files),
+    }
     return taken, time.monotonic() - started
 
 
@@ -255,7 +262,14 @@ def _rebuild_figures(run: RebuildRun, counts: Any) -> dict[str, Any]:
 
 
 async def measure(
-    n: int, m: int, tail: float, seed: int, base_dir: str | None, keep: bool, command_line: str
+    n: int,
+    m: int,
+    tail: float,
+    processes: int,
+    seed: int,
+    base_dir: str | None,
+    keep: bool,
+    command_line: str,
 ) -> dict[str, Any]:
     """Build the history (a state snapshot at 1 - tail of it), stop the router, time the
     rebuild from the snapshot and the full one; the run's result."""
@@ -264,7 +278,8 @@ async def measure(
     info = report.machine()
     profile = Path(os.environ[PROFILE_ENV]).resolve() if os.environ.get(PROFILE_ENV) else None
     head_n = n - round(n * tail)
-    async with fresh_deployment("caresync-bench-replay-", base_dir, keep) as d:
+    env = fo.with_processes({}, processes)
+    async with fresh_deployment("caresync-bench-replay-", base_dir, keep, env) as d:
         process = await start_router(d)
         try:
             refdata = await load_refdata(d, process)
@@ -276,7 +291,8 @@ async def measure(
             say(f"replay: {head_n:,} commands applied; state snapshot, the router running")
             taken, snapshot_wall_s = await snapshot_process(d)
             say(
-                f"replay: snapshot at seq {taken['offset']:,}, {taken['bytes'] / 1e6:,.1f} MB "
+                f"replay: {taken['files']} snapshot(s) at {taken['offset']:,} input messages, "
+                f"{taken['bytes'] / 1e6:,.1f} MB "
                 f"in {snapshot_wall_s:.1f} s; publishing the last {n - head_n:,} commands"
             )
             published = published + await publish_chunks(d.js, rest)
@@ -365,11 +381,14 @@ async def measure(
             "storage": cfg.streams.storage,
             "synchronous": cfg.store.synchronous,
             "max_live_actors": r.max_live_actors,
+            "processes": r.processes,
         },
         "durability": report.DURABILITY,
         "processes": (
-            "rebuild: 1 caresync replay rebuild process + 1 nats-server (router stopped); "
-            "history: 1 router + 1 driver + 1 nats-server (+ caresync replay snapshot once)"
+            f"rebuild: caresync replay rebuild in {r.processes} process(es), one per router "
+            "process, each on its partitions' files + 1 nats-server (router stopped); history: "
+            f"router in {r.processes} process(es) + 1 driver + 1 nats-server (+ caresync replay "
+            "snapshot once)"
         ),
         "sizes": sizes,
         "snapshots": snapshots,
@@ -406,7 +425,8 @@ def _where(f: dict[str, Any]) -> str:
         f"quarter {f['apply_first_quarter_per_s']:,.0f}, last quarter "
         f"{f['apply_last_quarter_per_s']:,.0f}); first progress line "
         f"({f['first_progress_messages']:,} replayed) {f['first_progress_s']:.2f} s after spawn; "
-        f"process wall {f['rebuild_wall_s']:.2f} s, peak RSS {f['rss_peak_mb']:,.1f} MB"
+        f"process wall {f['rebuild_wall_s']:.2f} s, peak RSS {f['rss_peak_mb']:,.1f} MB (the "
+        "progress lines and RSS are the first rebuild process's)"
     )
 
 
@@ -427,7 +447,7 @@ def rows(result: Any) -> list[tuple[str, str]]:
         (
             "  state snapshot",
             f"taken by `caresync replay snapshot` with the router running, after "
-            f"{c['n'] - f['tail_commands']:,} commands: input seq {f['snapshot_offset']:,}, "
+            f"{c['n'] - f['tail_commands']:,} commands: {f['snapshot_offset']:,} input messages, "
             f"{f['snapshot_bytes'] / 1e6:,.1f} MB, {f['snapshot_take_wall_s']:.2f} s (process "
             f"wall); {f['tail_commands']:,} commands ({c['tail']:.0%}) came after it",
         ),
@@ -438,7 +458,8 @@ def rows(result: Any) -> list[tuple[str, str]]:
         (
             "router settings",
             f"batch_size {r['batch_size']}, partitions {r['partitions']}, storage {r['storage']}, "
-            f"synchronous {r['synchronous']}, max_live_actors {r['max_live_actors']:,}",
+            f"synchronous {r['synchronous']}, max_live_actors {r['max_live_actors']:,}, "
+            f"processes {r.get('processes', 1)}",
         ),
         ("durability", c["durability"]),
         ("processes", c["processes"]),
@@ -493,6 +514,7 @@ async def run(args: argparse.Namespace, command_line: str) -> int:
             n,
             m,
             args.tail,
+            args.processes,
             args.seed,
             getattr(args, "data_dir", None),
             args.keep,

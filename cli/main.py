@@ -156,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fold every stream from its first message, not from the last snapshot",
     )
+    rebuild.add_argument("--group", type=int, default=None, help=argparse.SUPPRESS)
     rebuild.set_defaults(run=lambda a, c: _rebuild(a, c))
     snapshot = replay_sub.add_parser(
         "snapshot",
@@ -385,13 +386,13 @@ async def _mllp(args: argparse.Namespace, ctx: Context) -> int:
 
 
 async def _rebuild(args: argparse.Namespace, ctx: Context) -> int:
-    from caresync.cli.replay import run_rebuild
+    from caresync.cli.rebuild import run_rebuild
 
-    return await run_rebuild(ctx, args.nats, args.json, args.full)
+    return await run_rebuild(ctx, args.nats, args.json, args.full, args.group)
 
 
 async def _snapshot(args: argparse.Namespace, ctx: Context) -> int:
-    from caresync.cli.replay import run_snapshot
+    from caresync.cli.rebuild import run_snapshot
 
     return await run_snapshot(ctx, args.nats, args.json)
 

@@ -1,4 +1,5 @@
-"""``caresync replay rebuild|entity|window``: re-apply history from the streams.
+"""``caresync replay entity|window``: re-apply history from the streams (``rebuild`` and
+``snapshot`` are in :mod:`caresync.cli.rebuild`).
 
 Every replay runs with the router of the data dir stopped (it takes the data-dir lock) and, when
 no NATS URL is configured, starts the embedded broker from the data dir.
@@ -15,33 +16,29 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import anyio
 import nats.js.errors
 
 from caresync.actors import default_registry
 from caresync.actors.contract import Registry
 from caresync.cli.common import CommandError, Context, connect_client, print_json
-from caresync.cli.datadir import DataDirError, DataDirLock, pid_alive, read_server_record
+from caresync.cli.datadir import DataDirError, DataDirLock, read_server_record
 from caresync.cli.up import mappings_config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.errors import RouterError
 from caresync.router.logs import configure_logging
 from caresync.router.refdata import RefDataCatalog
-from caresync.router.replay import rebuild
 from caresync.router.replay_diff import EffectLine, EntityReplay, totals
 from caresync.router.replay_entity import EntityReplayer, History
 from caresync.router.replay_streams import read_catalog
 from caresync.router.service import make_transport, open_store, store_path, subjects_for
-from caresync.router.snapshots import Restored, Snapshots, provision_bucket
-from caresync.router.worker import WorkerSettings
-from caresync.store import PartitionedStore, partition_path
+from caresync.store import PartitionedStore
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LISTED = 20
 """Effects listed per group in the text output (all of them are in --json)."""
 
 
-def _lock(ctx: Context, what: str, during: str) -> DataDirLock:
+def lock_data_dir(ctx: Context, what: str, during: str) -> DataDirLock:
     lock = DataDirLock(ctx.data_dir)
     try:
         lock.acquire(what)
@@ -50,7 +47,7 @@ def _lock(ctx: Context, what: str, during: str) -> DataDirLock:
     return lock
 
 
-async def _broker_url(ctx: Context, nats_flag: str | None, stack: AsyncExitStack) -> str:
+async def broker_url(ctx: Context, nats_flag: str | None, stack: AsyncExitStack) -> str:
     """``--nats``, ``nats.url``, the server record, else the embedded broker started for us."""
     url = nats_flag or ctx.config.nats.url
     if not url:
@@ -67,145 +64,6 @@ async def _broker_url(ctx: Context, nats_flag: str | None, stack: AsyncExitStack
         stack.push_async_callback(server.stop)
         url = server.url
     return url
-
-
-def _restored(r: Restored) -> dict[str, Any]:
-    out: dict[str, Any] = {"streams": list(r.streams), "used": r.used}
-    if r.reason:
-        out["reason"] = r.reason
-    if r.info is not None:
-        out["offsets"] = r.info.offsets
-        out["rows"] = r.info.rows
-        out["taken_at"] = r.info.created_at
-        out["bytes"] = r.info.size
-    return out
-
-
-def _offsets(offsets: dict[str, int]) -> str:
-    return ", ".join(f"{stream} seq {seq}" for stream, seq in offsets.items())
-
-
-# -- snapshot -------------------------------------------------------------------------------------
-async def run_snapshot(ctx: Context, nats_flag: str | None, as_json: bool) -> int:
-    """Snapshot every partition file of the data dir into JetStream now (router running or not)."""
-    configure_logging("warning", ctx.config.log.format)
-    async with AsyncExitStack() as stack:
-        url = nats_flag or ctx.config.nats.url
-        if not url:
-            try:
-                record = read_server_record(ctx.data_dir)
-            except DataDirError as exc:
-                raise CommandError(str(exc)) from exc
-            if record is not None and pid_alive(record.pid):
-                url = record.url  # the running router's broker, embedded or not
-        if not url:
-            url = await _broker_url(ctx, None, stack)
-        nc = await connect_client(url)
-        stack.push_async_callback(nc.close)
-        subjects = subjects_for(ctx.config)
-        js = nc.jetstream()
-        try:
-            await provision_bucket(js, subjects, ctx.config.streams)
-        except RouterError as exc:
-            raise CommandError(str(exc)) from exc
-        snapshots = Snapshots(js, subjects)
-        main = store_path(ctx.config, ctx.data_dir)
-        taken: list[dict[str, Any]] = []
-        for p in range(subjects.partitions):
-            path, stream = partition_path(main, p), subjects.input_stream(p)
-            if not path.exists():
-                raise CommandError(f"no store file {path} for partition {p} ({stream})")
-            try:
-                info = await snapshots.take(path, [stream])
-            except nats.js.errors.NotFoundError as exc:
-                raise CommandError(f"no stream {stream} at {url}: {exc}") from exc
-            taken.append(
-                {
-                    "stream": stream,
-                    "offset": info.offsets[stream],
-                    "rows": info.rows,
-                    "bytes": info.size,
-                }
-            )
-    if as_json:
-        print_json({"snapshots": taken})
-    else:
-        for t in taken:
-            rows = ", ".join(f"{n} {table}" for table, n in t["rows"].items())
-            print(f"{t['stream']}: snapshot at seq {t['offset']}, {t['bytes']:,} bytes ({rows})")
-    return 0
-
-
-# -- rebuild --------------------------------------------------------------------------------------
-async def run_rebuild(ctx: Context, nats_flag: str | None, as_json: bool, full: bool) -> int:
-    """Drop state and rebuild it; the router of this data dir must be stopped.
-
-    From each file's snapshot in JetStream where one is sound, unless ``full``."""
-    configure_logging("warning", ctx.config.log.format)
-    lock = _lock(ctx, "caresync replay rebuild", "a rebuild")
-    try:
-        async with AsyncExitStack() as stack:
-            url = await _broker_url(ctx, nats_flag, stack)
-            nc = await connect_client(url)
-            stack.push_async_callback(nc.close)
-            # A rebuild resets every partition's state: it may adopt a store written before
-            # one file per partition, and leaves it in that layout.
-            store = await open_store(ctx.config, ctx.data_dir, adopt=True)
-            stack.push_async_callback(store.close)
-            last = [0]
-
-            def progress(n: int) -> None:
-                if n - last[0] >= 10_000:
-                    last[0] = n
-                    print(f"replayed {n} messages", file=sys.stderr, flush=True)
-
-            transport = make_transport(nc, ctx.config)
-            subjects = subjects_for(ctx.config)
-            catalog = RefDataCatalog()
-            await catalog.restore(store.main)
-            try:
-                # Catch up with the reference-data log (the store may have been lost too).
-                async with anyio.create_task_group() as tg:
-                    await tg.start(catalog.follow, transport, store.main, subjects.refdata_stream)
-                    tg.cancel_scope.cancel()
-                report = await rebuild(
-                    transport=transport,
-                    store=store,
-                    registry=default_registry(),
-                    subjects=subjects,
-                    settings=WorkerSettings.from_config(ctx.config),
-                    progress=progress,
-                    refdata=catalog.at,
-                    snapshots=None if full else Snapshots(nc.jetstream(), subjects),
-                )
-            except nats.js.errors.NotFoundError as exc:
-                raise CommandError(f"no input stream to rebuild from at {url}: {exc}") from exc
-        summary = {
-            "messages": report.messages,
-            "entities": report.entities,
-            "elapsed_s": round(report.elapsed_s, 3),
-            "messages_per_s": round(report.messages / report.elapsed_s) if report.elapsed_s else 0,
-            "pending_effects": report.pending_effects,
-            "snapshots": [_restored(r) for r in report.snapshots],
-            "restore_s": round(report.restore_s, 3),
-        }
-        if as_json:
-            print_json(summary)
-        else:
-            for r in report.snapshots:
-                streams = ", ".join(r.streams)
-                if r.used and r.info is not None:
-                    print(f"{streams}: from the snapshot at {_offsets(r.info.offsets)}")
-                else:
-                    print(f"{streams}: from the start ({r.reason})")
-            print(
-                f"rebuilt {summary['entities']} entities from {summary['messages']} messages in "
-                f"{summary['elapsed_s']} s ({summary['messages_per_s']} msgs/s); "
-                f"{summary['pending_effects']} effects never sent will go out at the next start"
-            )
-        return 0
-    finally:
-        lock.release()
 
 
 # -- entity and window ----------------------------------------------------------------------------
@@ -274,10 +132,10 @@ async def _replaying(ctx: Context, args: argparse.Namespace, what: str) -> Async
     if not path.exists():
         raise CommandError(f"no store at {path}: nothing was applied with this data dir")
     configure_logging("warning", ctx.config.log.format)
-    lock = _lock(ctx, what, "a replay")
+    lock = lock_data_dir(ctx, what, "a replay")
     try:
         async with AsyncExitStack() as stack:
-            url = await _broker_url(ctx, args.nats, stack)
+            url = await broker_url(ctx, args.nats, stack)
             nc = await connect_client(url)
             stack.push_async_callback(nc.close)
             store = await open_store(ctx.config, ctx.data_dir)

@@ -8,7 +8,7 @@ memory, one transaction per big chunk); ``fold=False`` runs the live pipeline's 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,7 @@ async def rebuild(
     refdata: Callable[[int], Any] | None = None,
     fold: bool = True,
     snapshots: Snapshots | None = None,
+    partitions: Sequence[int] | None = None,
 ) -> RebuildReport:
     """Reset derived state and re-apply every input stream from its first message (or from
     the snapshot of its file, with ``snapshots``).
@@ -102,7 +103,9 @@ async def rebuild(
     streams) and not sent again; effects that were never sent are left in the outbox for the
     router's next start.  ``fold=False``: through the live pipeline (slower, same result).
     ``snapshots``: start each file from its snapshot in JetStream where that is sound (else
-    from the start, as without), and fold only the streams past it.
+    from the start, as without), and fold only the streams past it.  ``partitions``: only
+    these (default all; their files hold no other partition), as one of several processes
+    that rebuild a deployment together; the report counts their files only.
     """
     started = time.monotonic()
     found: list[set[str]] = []
@@ -120,19 +123,22 @@ async def rebuild(
     else:
         await already_sent()
     stores = PartitionedStore.of_store(store, subjects.input_streams())
+    mine = list(range(subjects.partitions) if partitions is None else partitions)
+    files = stores.distinct(mine)
     restored: list[Restored] = []
     restore_s = 0.0
     if snapshots is not None:
         restore_started = time.monotonic()
-        restored = await restore_all(snapshots, stores, subjects, already_sent)
+        restored = await restore_all(snapshots, stores, subjects, already_sent, mine)
         restore_s = time.monotonic() - restore_started
     else:
-        await stores.reset_state()
+        for file in files:
+            await file.reset_state()
     # What each file's outbox holds before anything is folded (read once per file).
-    in_outbox = {id(s): await outbox_keys(s) if fold else frozenset() for s in stores.distinct()}
+    in_outbox = {id(s): await outbox_keys(s) if fold else frozenset() for s in files}
     total = 0
     publisher = Publisher(transport)  # a replay publishes nothing; workers need one to exist
-    for p in range(subjects.partitions):
+    for p in mine:
         stream = subjects.input_stream(p)
         end = await transport.last_seq(stream)
         done_before = total
@@ -168,7 +174,7 @@ async def rebuild(
             )
             total += await worker.replay(end, already_sent=found[0], progress=report)
         log.info("partition_rebuilt", stream=stream, through_seq=end)
-    counts = await stores.counts()
+    counts = await stores.counts(mine)
     return RebuildReport(
         messages=total,
         entities=counts["entities"],

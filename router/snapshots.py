@@ -316,15 +316,18 @@ async def restore_all(
     stores: PartitionedStore,
     subjects: Subjects,
     already_sent: Callable[[], Awaitable[Set[str]]],
+    partitions: Sequence[int] | None = None,
 ) -> list[Restored]:
-    """Restore every file's snapshot; files without a sound one are reset instead.
+    """Restore each file's snapshot (of ``partitions``, default all); files without a sound
+    one are reset instead.
 
     ``already_sent`` (an async callable giving the Msg-Ids in the streams) is asked only if a
     snapshot brought pending effects the store did not have; those the streams hold are then
     recorded as sent, so that the next start does not send them again.
     """
     results: list[Restored] = []
-    for store, streams in file_streams(stores, subjects, range(subjects.partitions)):
+    mine = range(subjects.partitions) if partitions is None else partitions
+    for store, streams in file_streams(stores, subjects, mine):
         result = await snapshots.restore(store, streams)
         if not result.used:
             log.info("snapshot_not_used", streams=streams, reason=result.reason)

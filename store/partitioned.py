@@ -230,10 +230,10 @@ class PartitionedStore:
         """(subject, payload) of one outbox row, or None if no partition has it."""
         return await self._first(lambda store: store.outbox_row(key))
 
-    async def counts(self) -> dict[str, int]:
-        """Row counts summed over the files."""
+    async def counts(self, partitions: Iterable[int] | None = None) -> dict[str, int]:
+        """Row counts summed over the files (of ``partitions`` only, if given)."""
         total: dict[str, int] = {}
-        for store in self._all():
+        for store in self._all() if partitions is None else self.distinct(partitions):
             for name, n in (await store.counts()).items():
                 total[name] = total.get(name, 0) + n
         return total

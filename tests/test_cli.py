@@ -150,7 +150,8 @@ def test_up_health_publish_status_and_clean_stop(tmp_path: Path) -> None:
         assert taken["offset"] > 0
         assert taken["rows"]["entities"] == live_entities
         listed = run("status", "--data-dir", str(data))
-        assert f"snapshot CARESYNC_IN: state at CARESYNC_IN seq {taken['offset']}, " in listed.stdout
+        described = f"snapshot CARESYNC_IN: state at CARESYNC_IN seq {taken['offset']}, "
+        assert described in listed.stdout
 
         started = time.monotonic()
         up.send_signal(signal.SIGTERM)

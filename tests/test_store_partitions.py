@@ -24,6 +24,7 @@ from harness import (
 )
 
 from caresync.cli.up import mappings_config
+from caresync.config import dump_toml
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.service import open_store, store_path, subjects_for
 from caresync.store import (
@@ -278,3 +279,64 @@ async def test_caresync_up_refuses_a_store_of_another_partitioning_with_its_reas
     assert done.returncode == 1, err
     assert "written for 2 partition(s), the configuration has streams.partitions = 3" in err
     assert "Traceback" not in err
+
+
+async def test_a_rebuild_runs_in_as_many_processes_as_the_router_each_on_its_own_files(
+    tmp_path: Path, unique_prefix: str
+) -> None:
+    """With router.processes = 2 on 2 partitions, ``caresync replay rebuild`` rebuilds
+    partition 1 in a second process: from the snapshots (nothing left to fold), then in full;
+    every state as the pure actors say, each in its own file, the summary adding up both."""
+    cfg = make_config(unique_prefix, streams={"partitions": 2})
+    subjects = subjects_for(cfg)
+    sent = appointment_workload(unique_prefix, appointments=24)
+    oracle = expected(sent)
+    data = tmp_path / "data"
+    config = tmp_path / "caresync.toml"
+    parallel = msgspec.structs.replace(cfg, router=msgspec.structs.replace(cfg.router, processes=2))
+    config.write_text(dump_toml(parallel), encoding="utf-8")
+
+    async def settled() -> bool:
+        async with await open_store(cfg, data) as stores:
+            rows = await stores.load_entities(list(oracle.network.states))
+            pending = (await stores.counts())["outbox_pending"]
+        return pending == 0 and set(rows) == set(oracle.network.states)
+
+    async with EmbeddedNats(tmp_path / "nats", extra_config=mappings_config(subjects)) as srv:
+        async with running(cfg, srv.url, data) as service, client(srv.url) as nc:
+            await load_refdata(nc.jetstream(), service)
+            await publish_all(nc.jetstream(), sent)
+            await wait_for(settled, what="the workload applied and every effect confirmed")
+        flags = ["--nats", srv.url, "--data-dir", str(data), "--config", str(config), "--json"]
+
+        async def caresync(*args: str) -> dict[str, object]:
+            done = await anyio.run_process([CARESYNC, "replay", *args, *flags], check=False)
+            assert done.returncode == 0, done.stderr.decode()
+            doc: dict[str, object] = msgspec.json.decode(done.stdout)
+            return doc
+
+        await caresync("snapshot")
+        fast = await caresync("rebuild")
+        full = await caresync("rebuild", "--full")
+        async with client(srv.url) as nc:
+            ends = [
+                (await nc.jetstream().stream_info(s)).state.last_seq
+                for s in subjects.input_streams()
+            ]
+    assert fast["processes"] == full["processes"] == 2
+    assert fast["entities"] == full["entities"] == len(oracle.network.states)
+    assert fast["messages"] == 0  # the snapshots were taken at the end
+    assert full["messages"] == sum(ends)
+    used = fast["snapshots"]
+    assert isinstance(used, list)
+    assert sorted(s["streams"][0] for s in used if s["used"]) == subjects.input_streams()
+    async with await open_store(cfg, data) as stores:
+        rows = await stores.load_entities(list(oracle.network.states))
+    assert all(
+        msgspec.msgpack.decode(rows[key].state, type=type(want)) == want
+        for key, want in oracle.network.states.items()
+    )
+    files = partition_files(store_path(cfg, data))
+    per_file = [set(_rows(path, "SELECT kind, id FROM entities")) for path in files]
+    assert all(per_file)
+    assert not per_file[0] & per_file[1]
