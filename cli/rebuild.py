@@ -21,7 +21,6 @@ import orjson
 
 from caresync.actors import default_registry
 from caresync.cli.common import CommandError, Context, connect_client, print_json
-from caresync.cli.datadir import DataDirError, pid_alive, read_server_record
 from caresync.cli.replay import broker_url, lock_data_dir
 from caresync.router.errors import RouterError
 from caresync.router.logs import configure_logging
@@ -55,16 +54,7 @@ async def run_snapshot(ctx: Context, nats_flag: str | None, as_json: bool) -> in
     """Snapshot every partition file of the data dir into JetStream now (router running or not)."""
     configure_logging("warning", ctx.config.log.format)
     async with AsyncExitStack() as stack:
-        url = nats_flag or ctx.config.nats.url
-        if not url:
-            try:
-                record = read_server_record(ctx.data_dir)
-            except DataDirError as exc:
-                raise CommandError(str(exc)) from exc
-            if record is not None and pid_alive(record.pid):
-                url = record.url  # the running router's broker, embedded or not
-        if not url:
-            url = await broker_url(ctx, None, stack)
+        url = await broker_url(ctx, nats_flag, stack, beside_router=True)
         nc = await connect_client(url)
         stack.push_async_callback(nc.close)
         subjects = subjects_for(ctx.config)

@@ -21,7 +21,7 @@ import nats.js.errors
 from caresync.actors import default_registry
 from caresync.actors.contract import Registry
 from caresync.cli.common import CommandError, Context, connect_client, print_json
-from caresync.cli.datadir import DataDirError, DataDirLock, read_server_record
+from caresync.cli.datadir import DataDirError, DataDirLock, pid_alive, read_server_record
 from caresync.cli.up import mappings_config
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.errors import RouterError
@@ -47,15 +47,22 @@ def lock_data_dir(ctx: Context, what: str, during: str) -> DataDirLock:
     return lock
 
 
-async def broker_url(ctx: Context, nats_flag: str | None, stack: AsyncExitStack) -> str:
-    """``--nats``, ``nats.url``, the server record, else the embedded broker started for us."""
+async def broker_url(
+    ctx: Context, nats_flag: str | None, stack: AsyncExitStack, *, beside_router: bool = False
+) -> str:
+    """``--nats``, ``nats.url``, the server record, else the embedded broker started for us.
+
+    ``beside_router``: the command may run while the router does, and then uses the broker of
+    the recorded router if it is alive, embedded or not."""
     url = nats_flag or ctx.config.nats.url
     if not url:
         try:
             record = read_server_record(ctx.data_dir)
         except DataDirError as exc:
             raise CommandError(str(exc)) from exc
-        if record is not None and not record.embedded:
+        if record is not None and (
+            not record.embedded or (beside_router and pid_alive(record.pid))
+        ):
             url = record.url
     if not url:
         # The embedded broker's JetStream data lives in the data dir: start it for us.

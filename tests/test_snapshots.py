@@ -22,6 +22,7 @@ import anyio
 import nats.js.errors
 import pytest
 from harness import client, load_refdata, make_config, running, wait_for
+from nats.js import JetStreamContext
 from test_replay_fold import REGISTRY, dump, history, publish, rebuild_env, refdata_v2, settled
 
 from caresync.codecs import Subjects
@@ -174,6 +175,12 @@ async def test_a_snapshot_of_other_actor_code_is_not_used(
     assert state["entities"] == dump(s.live / "caresync.db")["entities"]
 
 
+async def one_message_stream(js: JetStreamContext, subjects: Subjects) -> None:
+    """The deployment's input stream (partition 0) with one message in it."""
+    await js.add_stream(name=subjects.input_stream(0), subjects=[f"{subjects.prefix}.in.>"])
+    await js.publish(f"{subjects.prefix}.in.x.1", b"{}")
+
+
 async def test_a_stream_made_again_or_no_snapshot_at_all_is_a_fold_from_the_start(
     nats_url: str, unique_prefix: str, tmp_path: Path
 ) -> None:
@@ -190,8 +197,7 @@ async def test_a_stream_made_again_or_no_snapshot_at_all_is_a_fold_from_the_star
             f"created object store {bucket_name(subjects)}"
         )
         assert await provision_bucket(js, subjects, cfg.streams) == ""  # there already
-        await js.add_stream(name=stream, subjects=[f"{subjects.prefix}.in.>"])
-        await js.publish(f"{subjects.prefix}.in.x.1", b"{}")
+        await one_message_stream(js, subjects)
         await store.commit(BatchWrite(offsets={stream: 1}))
         none_yet = await snapshots.restore(store, [stream])
         assert none_yet.reason == f"no snapshot {stream!r} in the bucket"
@@ -200,8 +206,7 @@ async def test_a_stream_made_again_or_no_snapshot_at_all_is_a_fold_from_the_star
         assert (await snapshots.restore(store, [stream])).used
         await js.delete_stream(stream)
         await anyio.sleep(0.01)
-        await js.add_stream(name=stream, subjects=[f"{subjects.prefix}.in.>"])
-        await js.publish(f"{subjects.prefix}.in.x.1", b"{}")
+        await one_message_stream(js, subjects)
         again = await snapshots.restore(store, [stream])
         assert not again.used
         assert again.reason == f"stream {stream} was created again after the snapshot"
@@ -254,8 +259,7 @@ async def test_restored_unsent_effects_the_streams_have_are_recorded_sent(
     async with client(nats_url) as nc:
         js = nc.jetstream()
         await provision_bucket(js, subjects, cfg.streams)
-        await js.add_stream(name=stream, subjects=[f"{subjects.prefix}.in.>"])
-        await js.publish(f"{subjects.prefix}.in.x.1", b"{}")
+        await one_message_stream(js, subjects)
         async with await Store.open(tmp_path / "live.db") as live:
             await live.commit(
                 BatchWrite(outbox=[row("sent-later"), row("never-sent")], offsets={stream: 1})
