@@ -308,6 +308,12 @@ class Snapshots:
                 return (
                     f"snapshot is at {stream} seq {offset}, past the stream's last {state.last_seq}"
                 )
+            if offset < state.last_seq and state.first_seq > offset + 1:
+                # Its tail is gone (limits, a purge): what the snapshot lacks cannot be folded.
+                return (
+                    f"stream {stream} no longer holds seq {offset + 1} past the snapshot (its "
+                    f"first is {state.first_seq})"
+                )
         return ""
 
 

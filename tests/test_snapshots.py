@@ -210,6 +210,16 @@ async def test_a_stream_made_again_or_no_snapshot_at_all_is_a_fold_from_the_star
         again = await snapshots.restore(store, [stream])
         assert not again.used
         assert again.reason == f"stream {stream} was created again after the snapshot"
+        await store.commit(BatchWrite(offsets={stream: 1}))
+        await snapshots.take(store.path, [stream])
+        await js.publish(f"{subjects.prefix}.in.x.1", b"{}")
+        await js.publish(f"{subjects.prefix}.in.x.1", b"{}")
+        await js.purge_stream(stream, seq=3)  # seq 2, the first past the snapshot, is gone
+        gone = await snapshots.restore(store, [stream])
+        assert (
+            gone.reason
+            == f"stream {stream} no longer holds seq 2 past the snapshot (its first is 3)"
+        )
         other = await snapshots.restore(store, [stream, "OTHER"])
         assert other.reason == f"no snapshot {stream + '+OTHER'!r} in the bucket"
 
