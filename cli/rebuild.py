@@ -101,6 +101,7 @@ def _summary(report: RebuildReport) -> dict[str, Any]:
         "pending_effects": report.pending_effects,
         "snapshots": [_restored(r) for r in report.snapshots],
         "restore_s": round(report.restore_s, 3),
+        "warnings": list(report.warnings),
     }
 
 
@@ -183,11 +184,15 @@ async def run_rebuild(
             for name in ("messages", "entities", "pending_effects"):
                 summary[name] += other[name]
             summary["snapshots"] += other["snapshots"]
+            summary["warnings"] += other["warnings"]
             summary["restore_s"] = max(summary["restore_s"], other["restore_s"])
         if others:
             summary["elapsed_s"] = round(elapsed_s, 3)
             summary["messages_per_s"] = round(summary["messages"] / elapsed_s)
             summary["processes"] = processes
+        if not child:
+            for warning in summary["warnings"]:
+                print(f"warning: {warning}", file=sys.stderr)
         if as_json or child:
             print_json(summary)
         else:

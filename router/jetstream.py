@@ -296,11 +296,18 @@ class JetStreamTransport:
         batch, and a request lost with a server must not stop it.  Other errors, and any error
         once the connection is closed, are raised.
         """
+        return int((await self._state(stream)).last_seq)
+
+    async def first_seq(self, stream: str) -> int:
+        """The first sequence the stream still holds (asked as :meth:`last_seq` is)."""
+        return int((await self._state(stream)).first_seq)
+
+    async def _state(self, stream: str) -> api.StreamState:
         delay_s = _API_RETRY_INITIAL_S
         while True:
             try:
                 info = await self.js.stream_info(stream)
-                return int(info.state.last_seq)
+                return info.state
             except _API_TRANSIENT as exc:
                 if self.nc.is_closed:
                     raise

@@ -106,6 +106,10 @@ class MemoryTransport:
         """Last sequence of ``stream``."""
         return len(self.streams[stream].messages)
 
+    async def first_seq(self, stream: str) -> int:
+        """First sequence of ``stream`` (nothing is ever removed here)."""
+        return 1 if stream in self.streams else 0
+
     async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
         """Store each message, honouring Msg-Id dedupe and injected failures."""
         results = []

@@ -40,6 +40,8 @@ class RebuildReport:
     """What became of each store file's snapshot (empty: none were asked for)."""
     restore_s: float = 0.0
     """Of ``elapsed_s``, the time spent fetching and restoring snapshots."""
+    warnings: tuple[str, ...] = ()
+    """What the rebuild could not do (a stream that lost its oldest messages)."""
 
 
 async def sent_effect_keys(
@@ -134,6 +136,18 @@ async def rebuild(
     else:
         for file in files:
             await file.reset_state()
+    warnings: list[str] = []
+    from_snapshot = {stream for r in restored if r.used for stream in r.streams}
+    for p in mine:
+        stream = subjects.input_stream(p)
+        first = await transport.first_seq(stream)
+        if stream not in from_snapshot and first > 1 and await transport.last_seq(stream):
+            warnings.append(
+                f"{stream} starts at seq {first}: the {first - 1} messages before it are gone "
+                "(stream limits or a purge) and no snapshot covers them, so the state they made "
+                "is not rebuilt (entities they touched are missing or partial)"
+            )
+            log.warning("rebuild_incomplete", stream=stream, first_seq=first)
     # What each file's outbox holds before anything is folded (read once per file).
     in_outbox = {id(s): await outbox_keys(s) if fold else frozenset() for s in files}
     total = 0
@@ -182,4 +196,5 @@ async def rebuild(
         pending_effects=counts["outbox_pending"],
         snapshots=tuple(restored),
         restore_s=restore_s,
+        warnings=tuple(warnings),
     )

@@ -100,6 +100,11 @@ class Transport(Protocol):
         """The stream's last sequence number now (0 if empty)."""
         ...
 
+    async def first_seq(self, stream: str) -> int:
+        """The first sequence the stream still holds (above 1 once limits or a purge removed
+        its oldest messages)."""
+        ...
+
     async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
         """Publish all, wait for their PubAcks up to ``timeout_s``; one result per message."""
         ...

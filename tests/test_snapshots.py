@@ -30,8 +30,9 @@ from caresync.codecs.refdata import encode_refdata_set
 from caresync.config import Config
 from caresync.router import snapshots as snapshots_module
 from caresync.router.embedded import EmbeddedNats
+from caresync.router.provision import provision
 from caresync.router.replay import RebuildReport, rebuild
-from caresync.router.service import subjects_for
+from caresync.router.service import make_transport, subjects_for
 from caresync.router.snapshots import (
     Snapshots,
     SnapshotTask,
@@ -329,3 +330,28 @@ async def test_the_router_snapshots_its_files_by_itself_and_a_failed_one_is_only
 
 def make_subjects_without_bucket(subjects: Subjects) -> Subjects:
     return dataclasses.replace(subjects, stream_prefix=subjects.stream_prefix + "X")
+
+
+async def test_a_rebuild_of_a_stream_that_lost_its_oldest_messages_says_so(
+    nats_url: str, unique_prefix: str, tmp_path: Path
+) -> None:
+    cfg = make_config(unique_prefix)
+    subjects = subjects_for(cfg)
+    stream = subjects.input_stream(0)
+    async with client(nats_url) as nc, await Store.open(tmp_path / "caresync.db") as store:
+        js = nc.jetstream()
+        await provision(js, subjects, cfg.streams)
+        for _ in range(3):
+            await js.publish(subjects.command("appointment", "X"), b"not a command")
+        await js.purge_stream(stream, seq=3)
+        report = await rebuild(
+            transport=make_transport(nc, cfg),
+            store=store,
+            registry=REGISTRY,
+            subjects=subjects,
+            settings=WorkerSettings.from_config(cfg),
+            snapshots=Snapshots(js, subjects),
+        )
+    assert report.pending_effects == 1  # the dead letter of the one left
+    (warning,) = report.warnings
+    assert warning.startswith(f"{stream} starts at seq 3: the 2 messages before it are gone")
