@@ -127,7 +127,12 @@ async def provision(js: JetStreamContext, subjects: Subjects, cfg: StreamsConfig
                     f"cannot update stream {spec.name} ({'; '.join(diffs)}): {exc}"
                 ) from exc
             done.append(f"updated stream {spec.name}: {'; '.join(diffs)}")
-    bucket = await provision_bucket(js, subjects, cfg)
+    try:
+        bucket = await provision_bucket(js, subjects, cfg)
+    except ProvisioningError as exc:
+        # Snapshots only speed up a rebuild: the router runs without them (and says so).
+        log.warning("snapshots_unavailable", error=str(exc))
+        bucket = ""
     if bucket:
         done.append(bucket)
     for line in done:

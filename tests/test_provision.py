@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from caresync.router.errors import ProvisioningError
 from caresync.router.provision import provision
 from caresync.router.service import subjects_for
-from caresync.router.snapshots import bucket_name
+from caresync.router.snapshots import bucket_name, provision_bucket
 
 pytestmark = pytest.mark.anyio
 
@@ -70,3 +70,19 @@ async def test_a_storage_change_is_refused_naming_the_stream(
         await provision(js, subjects_for(memory), memory.streams)
     assert f"{unique_prefix.upper()}_IN" in str(info.value)
     assert "streams.storage" in str(info.value)
+
+
+async def test_a_snapshot_bucket_that_cannot_be_made_does_not_stop_the_router_starting(
+    js: JetStreamContext, unique_prefix: str
+) -> None:
+    cfg = make_config(unique_prefix)
+    subjects = subjects_for(cfg)
+    # Another stream already takes the bucket's subjects: the object store cannot be made.
+    await js.add_stream(name=f"{unique_prefix}_SQUAT", subjects=[f"$O.{bucket_name(subjects)}.>"])
+    created = await provision(js, subjects, cfg.streams)
+    assert len(created) == 5
+    assert all(line.startswith("created stream ") for line in created)
+    with pytest.raises(
+        ProvisioningError, match=f"cannot create object store {bucket_name(subjects)}"
+    ):
+        await provision_bucket(js, subjects, cfg.streams)
