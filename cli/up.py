@@ -185,20 +185,21 @@ async def run_router_process(ctx: Context, nats_url: str | None, group: int, par
             data_dir=ctx.data_dir,
             group=group,
         )
-        async with anyio.create_task_group() as tg:
-            signals = anyio.CancelScope()
-            tg.start_soon(_stop_on_signal, service, signals, f"router-process {group}")
+        with _store_refusals_as_errors():
+            async with anyio.create_task_group() as tg:
+                signals = anyio.CancelScope()
+                tg.start_soon(_stop_on_signal, service, signals, f"router-process {group}")
 
-            async def serve(*, task_status: TaskStatus[None]) -> None:
-                try:
-                    await service.run(task_status=task_status)
-                finally:
-                    signals.cancel()
+                async def serve(*, task_status: TaskStatus[None]) -> None:
+                    try:
+                        await service.run(task_status=task_status)
+                    finally:
+                        signals.cancel()
 
-            await tg.start(serve)
-            tune_gc()
-            print(f"{READY_LINE}: group {group}", flush=True)
-        return 0
+                await tg.start(serve)
+                tune_gc()
+                print(f"{READY_LINE}: group {group}", flush=True)
+            return 0
     finally:
         lock.release()
 

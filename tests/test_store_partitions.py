@@ -23,6 +23,7 @@ from harness import (
     wait_for,
 )
 
+from caresync.cli.datadir import DataDirLock
 from caresync.cli.up import mappings_config
 from caresync.config import dump_toml
 from caresync.router.embedded import EmbeddedNats
@@ -340,3 +341,28 @@ async def test_a_rebuild_runs_in_as_many_processes_as_the_router_each_on_its_own
     per_file = [set(_rows(path, "SELECT kind, id FROM entities")) for path in files]
     assert all(per_file)
     assert not per_file[0] & per_file[1]
+
+
+async def test_a_router_process_refuses_a_store_of_another_partitioning_with_its_reason(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """``caresync up`` checks the layout before it starts its other processes; one started
+    anyway on such a store (by hand, or after a change under it) exits 1 with the reason."""
+    data = tmp_path / "data"
+    async with await PartitionedStore.open(data / "caresync.db", STREAMS[:2]):
+        pass
+    up = DataDirLock(data)
+    up.acquire("a caresync up, for this test")
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARESYNC_")}
+        env |= {"CARESYNC_STREAMS__PARTITIONS": "3", "CARESYNC_ROUTER__PROCESSES": "2"}
+        command = [CARESYNC, "router-process", "--group", "1", "--parent-pid", str(os.getpid())]
+        command += ["--nats", nats_url, "--data-dir", str(data)]
+        with anyio.fail_after(30):
+            done = await anyio.run_process(command, env=env, check=False)
+    finally:
+        up.release()
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "written for 2 partition(s), the configuration has streams.partitions = 3" in err
+    assert "Traceback" not in err
