@@ -21,8 +21,8 @@ from nats.aio.client import Client as NatsClient
 
 from caresync.cli.common import CommandError, Context, connect_client, request_json, resolve_url
 from caresync.codecs import Subjects
-from caresync.router.raw_client import FINAL
 from caresync.router.service import subjects_for
+from caresync.router.verdicts import FINAL, NoRouterAnswer, poll_verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,21 +213,27 @@ async def run_dlq_retry(
 async def _verdict(
     nc: NatsClient, subjects: Subjects, sent: dict[str, Any], wait_s: float
 ) -> dict[str, Any]:
-    import anyio
-
-    body = {k: sent[k] for k in ("stream", "seq", "raw", "kind", "entity", "id") if k in sent}
-    with anyio.move_on_after(wait_s):
-        while True:
-            reply = await request_json(nc, subjects.control("verdict"), body, 5.0)
-            if reply.get("verdict") in FINAL:
-                out = {"verdict": reply["verdict"]}
-                items = reply.get("items") or []
-                problem = next((i for i in items if i.get("reason")), reply)
-                if problem.get("reason"):
-                    out["reason"] = problem["reason"]
-                return out
-            await anyio.sleep(0.05)
-    return {"verdict": "pending", "reason": f"no verdict within {wait_s:g} s"}
+    keys = ("stream", "seq", "raw", "kind", "entity", "id")
+    body: dict[str, Any] = {k: sent[k] for k in keys if k in sent}
+    try:
+        reply, _ = await poll_verdict(
+            nc,
+            subjects.control("verdict"),
+            body,
+            wait_s,
+            lambda r: r.get("verdict") in FINAL,
+            wait_for_router=False,
+        )
+    except NoRouterAnswer as exc:
+        raise CommandError(str(exc)) from None
+    if reply is None:
+        return {"verdict": "pending", "reason": f"no verdict within {wait_s:g} s"}
+    out = {"verdict": reply["verdict"]}
+    items = reply.get("items") or []
+    problem = next((i for i in items if i.get("reason")), reply)
+    if problem.get("reason"):
+        out["reason"] = problem["reason"]
+    return out
 
 
 async def run_dlq_drop(ctx: Context, nats_flag: str | None, seqs: list[int]) -> int:

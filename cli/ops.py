@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 import nats.errors
 import nats.js.errors
 import orjson
@@ -24,6 +23,7 @@ from caresync.cli.common import (
 from caresync.codecs import CodecError, Envelope, decode_envelope, encode_envelope
 from caresync.router.service import subjects_for
 from caresync.router.snapshots import Snapshots
+from caresync.router.verdicts import NoRouterAnswer, poll_verdict
 
 
 async def run_health(ctx: Context, nats_flag: str | None, timeout_s: float, as_json: bool) -> int:
@@ -266,13 +266,20 @@ async def _await_verdict(
         "entity": env.entity,
         "id": env.id,
     }
-    with anyio.move_on_after(wait_s):
-        while True:
-            reply = await request_json(nc, subject, body, min(wait_s, 5.0))
-            if reply.get("verdict") != "pending":
-                return {k: v for k, v in reply.items() if k in ("verdict", "reason", "code")}
-            await anyio.sleep(0.05)
-    return {"verdict": "pending", "reason": f"no verdict from the router within {wait_s:g} s"}
+    try:
+        reply, _ = await poll_verdict(
+            nc,
+            subject,
+            body,
+            wait_s,
+            lambda r: r.get("verdict") != "pending",
+            wait_for_router=False,
+        )
+    except NoRouterAnswer as exc:
+        raise CommandError(str(exc)) from None
+    if reply is None:
+        return {"verdict": "pending", "reason": f"no verdict from the router within {wait_s:g} s"}
+    return {k: v for k, v in reply.items() if k in ("verdict", "reason", "code")}
 
 
 def _emit(line: dict[str, Any], as_json: bool) -> None:

@@ -12,16 +12,13 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import nats.errors
 import nats.js.errors
-import orjson
 from nats.aio.client import Client as NatsClient
 
 from caresync.codecs import Subjects
 from caresync.router.ingest import H_FRAME_ERROR
-
-FINAL = frozenset({"accepted", "duplicate", "rejected", "parked"})
+from caresync.router.verdicts import FINAL, poll_verdict
 
 
 @dataclass(slots=True)
@@ -112,22 +109,15 @@ class RawSubmitter:
         return result
 
     async def _await(self, stream: str, seq: int) -> dict[str, Any]:
-        body = orjson.dumps({"stream": stream, "seq": seq, "raw": True})
-        subject = self._subjects.control("verdict")
-        delay = 0.01
-        answered = False
-        with anyio.move_on_after(self._wait_s):
-            while True:
-                try:
-                    reply = await self._nc.request(subject, body, timeout=min(self._wait_s, 5.0))
-                    answered = True
-                    found: dict[str, Any] = orjson.loads(reply.data)
-                    if found.get("verdict") in FINAL or found.get("verdict") == "unknown":
-                        return found
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    pass  # the router is (re)starting: the message waits for it in the stream
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.2)
+        found, answered = await poll_verdict(
+            self._nc,
+            self._subjects.control("verdict"),
+            {"stream": stream, "seq": seq, "raw": True},
+            self._wait_s,
+            lambda f: f.get("verdict") in FINAL or f.get("verdict") == "unknown",
+        )
+        if found is not None:
+            return found
         if not answered and self._stop_waiting:
             # No router at all: the next messages are stored without waiting in vain for each.
             self._wait_s = 0
