@@ -235,18 +235,17 @@ def print_profile(path: Path, top: int = 15) -> str:
 def _rebuild_figures(run: RebuildRun, counts: Any) -> dict[str, Any]:
     """One rebuild's figures: the history's messages and source events per second of it."""
     s = run.summary
-    elapsed = float(s["elapsed_s"])
+    elapsed, restore_s = float(s["elapsed_s"]), float(s["restore_s"])
+    folding_s, snapshots = elapsed - restore_s, s["snapshots"]
     first_quarter, last_quarter = run.quarter_rates()
     return {
         "events_per_s": round(counts.input_messages / elapsed, 1),
         "source_events_per_s": round(counts.source_messages / elapsed, 1),
         "rebuild_s": round(elapsed, 3),
-        "restore_s": float(s.get("restore_s", 0.0)),
+        "restore_s": restore_s,
         "rebuild_wall_s": round(run.wall_s, 3),
         "messages_replayed": int(s["messages"]),
-        "fold_per_s": round(int(s["messages"]) / (elapsed - float(s.get("restore_s", 0.0))), 1)
-        if elapsed > float(s.get("restore_s", 0.0))
-        else 0.0,
+        "fold_per_s": round(int(s["messages"]) / folding_s, 1) if folding_s > 0 else 0.0,
         "entities": int(s["entities"]),
         "apply_phase_per_s": round(run.steady_per_s(), 1),
         "apply_first_quarter_per_s": round(first_quarter, 1),
@@ -255,9 +254,8 @@ def _rebuild_figures(run: RebuildRun, counts: Any) -> dict[str, Any]:
         "first_progress_messages": run.progress[0][1] if run.progress else 0,
         "rss_peak_mb": run.rss_peak_mb,
         "pending_effects": int(s["pending_effects"]),
-        "snapshot_used": all(r.get("used") for r in s.get("snapshots", []))
-        and bool(s.get("snapshots")),
-        "snapshot_reasons": [r["reason"] for r in s.get("snapshots", []) if r.get("reason")],
+        "snapshot_used": bool(snapshots) and all(r["used"] for r in snapshots),
+        "snapshot_reasons": [r["reason"] for r in snapshots if r.get("reason")],
     }
 
 

@@ -121,9 +121,12 @@ async def run_rebuild(
     mine = partitions_of(group or 0, processes, subjects.partitions)
     try:
         async with AsyncExitStack() as stack:
-            if child and not nats_flag:
+            if not child:
+                url = await broker_url(ctx, nats_flag, stack)
+            elif nats_flag:
+                url = nats_flag  # the first process's broker
+            else:
                 raise CommandError("a rebuild process of a group needs --nats")
-            url = nats_flag if child and nats_flag else await broker_url(ctx, nats_flag, stack)
             nc = await connect_client(url)
             stack.push_async_callback(nc.close)
             # A rebuild resets every partition's state: it may adopt a store written before
@@ -169,10 +172,10 @@ async def run_rebuild(
                             snapshots=None if full else Snapshots(nc.jetstream(), subjects),
                             partitions=mine if processes > 1 else None,
                         )
-                except BaseExceptionGroup as group:
+                except BaseExceptionGroup as errors:
                     # The other processes are stopped; what went wrong here is what matters.
-                    if len(group.exceptions) == 1:
-                        raise group.exceptions[0] from None
+                    if len(errors.exceptions) == 1:
+                        raise errors.exceptions[0] from None
                     raise
                 if failed:
                     raise CommandError("; ".join(failed))

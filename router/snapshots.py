@@ -37,12 +37,11 @@ from nats.js.object_store import ObjectStore
 from caresync.codecs import Subjects
 from caresync.config import StreamsConfig
 from caresync.router.errors import ProvisioningError
-from caresync.store import PartitionedStore, Store
+from caresync.store import BatchWrite, PartitionedStore, Store
 from caresync.store.schema import SCHEMA_VERSION
 from caresync.store.state_file import (
     SnapshotFileError,
     SnapshotInfo,
-    mark_sent,
     read_state_info,
     restore_state_file,
     write_state_file,
@@ -132,8 +131,8 @@ class Restored:
     reason: str = ""
     """Why it was not used (empty when used)."""
     info: SnapshotInfo | None = None
-    pending_effects: int = 0
-    """Effects the snapshot held as pending that the store did not have."""
+    added_pending: tuple[str, ...] = ()
+    """Keys of the effects the snapshot held as pending that the store did not have."""
 
 
 def file_streams(
@@ -165,18 +164,21 @@ class Snapshots:
             self._bucket = await self._js.object_store(bucket_name(self.subjects))
         return self._bucket
 
-    async def _identities(self, streams: Sequence[str]) -> dict[str, str]:
+    async def _infos(self, streams: Sequence[str]) -> dict[str, api.StreamInfo]:
+        return {stream: await self._js.stream_info(stream) for stream in streams}
+
+    @staticmethod
+    def _identities(infos: dict[str, api.StreamInfo]) -> dict[str, str]:
         """Each stream's creation time: a stream deleted and made again is another log."""
-        out: dict[str, str] = {}
-        for stream in streams:
-            info = await self._js.stream_info(stream)
-            out[f"created.{stream}"] = info.created.isoformat() if info.created else ""
-        return out
+        return {
+            f"created.{stream}": info.created.isoformat() if info.created else ""
+            for stream, info in infos.items()
+        }
 
     async def take(self, path: Path, streams: Sequence[str]) -> SnapshotInfo:
         """Snapshot the store file at ``path`` now and put it in the bucket (replacing the
         last one); the router may be running."""
-        extra = await self._identities(streams)
+        extra = self._identities(await self._infos(streams))
         bucket = await self.bucket()
         with tempfile.TemporaryDirectory(prefix="snapshot-", dir=path.parent) as tmp:
             dest = Path(tmp) / "state.db"
@@ -251,7 +253,7 @@ class Snapshots:
                 return Restored(tuple(streams), False, reason, info)
             added = await restore_state_file(store, path)
         log.info("snapshot_restored", streams=list(streams), offsets=info.offsets, rows=info.rows)
-        return Restored(tuple(streams), True, "", info, len(added))
+        return Restored(tuple(streams), True, "", info, tuple(added))
 
     async def _fetch(self, bucket: ObjectStore, name: str, out: BinaryIO) -> None:
         """Write the object's chunks to ``out``, checking their count, size and digest.
@@ -298,11 +300,12 @@ class Snapshots:
                 f"snapshot was taken by other actor or codec code ({info.logic}, this is "
                 f"{logic_fingerprint()}): folding from the start applies this code to all of it"
             )
-        identities = await self._identities(streams)
+        infos = await self._infos(streams)
+        identities = self._identities(infos)
         for stream in streams:
             if info.extra.get(f"created.{stream}") != identities[f"created.{stream}"]:
                 return f"stream {stream} was created again after the snapshot"
-            state = (await self._js.stream_info(stream)).state
+            state = infos[stream].state
             offset = info.offsets.get(stream, 0)
             if offset > state.last_seq:
                 return (
@@ -338,13 +341,11 @@ async def restore_all(
         if not result.used:
             log.info("snapshot_not_used", streams=streams, reason=result.reason)
             await store.reset_state()
-        elif result.pending_effects:
-            sent = await already_sent()
-            async with store.connection.execute(
-                "SELECT key FROM outbox WHERE status = 'pending'"
-            ) as cur:
-                pending = [key for (key,) in await cur.fetchall()]
-            await mark_sent(store, [key for key in pending if key in sent])
+        elif result.added_pending:
+            sent, now = await already_sent(), time.time()
+            confirmed = [(key, now) for key in result.added_pending if key in sent]
+            if confirmed:
+                await store.commit(BatchWrite(sent=confirmed))
         results.append(result)
     return results
 
@@ -370,7 +371,6 @@ class SnapshotTask:
         self._min_messages = min_messages
         self._taken: dict[str, int] = {}
         """Per stream, the offset of the last snapshot taken (0 at start)."""
-        self.taken = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -399,6 +399,5 @@ class SnapshotTask:
                 continue
             self._taken.update(info.offsets)
             taken += 1
-            self.taken += 1
             log.info("snapshot_round", streams=list(streams), took_s=time.monotonic() - started)
         return taken

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 SCHEMA_VERSION = 1
 
+DERIVED_TABLES = ("entities", "applied", "parked", "offsets")
+"""What a rebuild derives from the input streams: what a reset drops and a snapshot holds."""
+
 PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA foreign_keys=OFF",

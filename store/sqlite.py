@@ -19,7 +19,7 @@ from caresync.store.batch_write import write_batch
 from caresync.store.errors import StoreError, StoreSchemaError, map_sqlite_error
 from caresync.store.ingest import IngestLog
 from caresync.store.records import BatchWrite, EntityRow, ParkedRow, PendingEffect
-from caresync.store.schema import DDL, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
+from caresync.store.schema import DDL, DERIVED_TABLES, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
 
 # SQLite's default limit on host parameters is 32766 in current builds; stay well below.
 _CHUNK = 500
@@ -457,7 +457,7 @@ class Store:
     async def _reset_locked(self) -> None:
         try:
             await self._conn.execute("BEGIN IMMEDIATE")
-            for table in ("entities", "applied", "parked", "offsets"):
+            for table in DERIVED_TABLES:
                 await self._conn.execute(f"DELETE FROM {table}")
             await self._conn.execute("COMMIT")
         except sqlite3.Error as exc:

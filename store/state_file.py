@@ -22,13 +22,11 @@ import aiosqlite
 import orjson
 
 from caresync.store.errors import map_sqlite_error
-from caresync.store.schema import DDL, SCHEMA_VERSION
+from caresync.store.schema import DDL, DERIVED_TABLES, SCHEMA_VERSION
 from caresync.store.sqlite import Store, _rollback
 
 FORMAT = 1
 """Version of the snapshot file's layout."""
-DERIVED_TABLES = ("entities", "applied", "parked", "offsets")
-"""What a rebuild derives from the input streams (and :meth:`Store.reset_state` drops)."""
 _OUTBOX_COLUMNS = "key, subject, payload, headers, status, created_at, sent_at, attempts, error"
 
 
@@ -85,7 +83,7 @@ def write_state_file(
         conn.execute("BEGIN")
         rows: dict[str, int] = {}
         for table in DERIVED_TABLES:
-            columns = _columns(conn, "main", table)
+            columns = _columns(conn, table)
             conn.execute(f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM src.{table}")
             rows[table] = _count(conn, table)
         conn.execute(
@@ -163,7 +161,7 @@ async def restore_state_file(store: Store, path: Path) -> list[str]:
 
     The outbox keeps its rows; the snapshot's rows it does not have are added with their
     status.  Returns the keys of the rows added as pending: the caller asks the streams
-    whether they were sent after the snapshot (:func:`mark_sent`).
+    whether they were sent after the snapshot (and commits those as sent).
     """
     conn = store.connection
     async with store.write_lock:
@@ -204,25 +202,6 @@ async def restore_state_file(store: Store, path: Path) -> list[str]:
     return added
 
 
-async def mark_sent(store: Store, keys: Sequence[str]) -> None:
-    """Record outbox rows as sent (their Msg-Ids are in the streams)."""
-    if not keys:
-        return
-    now = time.time()
-    async with store.write_lock:
-        try:
-            await store.connection.execute("BEGIN IMMEDIATE")
-            await store.connection.executemany(
-                "UPDATE outbox SET status = 'sent', sent_at = ? WHERE key = ? "
-                "AND status = 'pending'",
-                [(now, key) for key in keys],
-            )
-            await store.connection.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await _rollback(store.connection)
-            raise map_sqlite_error(exc, "recording restored effects as sent") from exc
-
-
 def _indexes(tables: Sequence[str]) -> list[tuple[str, str]]:
     """(name, CREATE statement) of the schema's secondary indexes on ``tables``."""
     out = []
@@ -233,8 +212,8 @@ def _indexes(tables: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _columns(conn: sqlite3.Connection, schema: str, table: str) -> str:
-    return ", ".join(row[1] for row in conn.execute(f"PRAGMA {schema}.table_info({table})"))
+def _columns(conn: sqlite3.Connection, table: str) -> str:
+    return ", ".join(row[1] for row in conn.execute(f"PRAGMA main.table_info({table})"))
 
 
 async def _columns_async(conn: aiosqlite.Connection, table: str) -> str:
