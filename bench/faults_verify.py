@@ -88,7 +88,9 @@ def verify(dep: Deployment, oracle: Oracle, input_last_seq: Mapping[str, int]) -
     v.expect(not missing, f"{len(missing)} commands never applied: {sample(missing)}")
     refused = [a for a, (outcome, _) in applied.items() if outcome != "accepted"]
     v.expect(not refused, f"{len(refused)} commands not accepted: {sample(refused)}")
-    seqs = Counter(seq for _, seq in applied.values())
+    # Internal commands applied with their cause share its position; sources have their own.
+    sources = oracle.expected.outcomes
+    seqs = Counter(seq for (_, _, c), (_, seq) in applied.items() if c in sources)
     twice = [s for s, n in seqs.items() if n > 1]
     v.expect(not twice, f"stream messages applied twice: {sample(twice)}")
     for stream, last in input_last_seq.items():
@@ -203,29 +205,45 @@ def verify(dep: Deployment, oracle: Oracle, input_last_seq: Mapping[str, int]) -
 def batch_invariants(db_path: Path, oracle: Oracle) -> list[str]:
     """What must hold in every committed state, even mid-run: no batch is half in the store.
 
-    Read in one snapshot: every input message up to the committed offset applied exactly once
-    and none past it; every command known to the pure run that is applied has all its effects
-    in the outbox; no outbox row without its command applied.  Assumes one partition and an
-    input stream without duplicates or dead letters (what these runs publish).
+    Read in one snapshot: the input messages up to the committed offset applied exactly once
+    and none past it (the source commands applied are the first ones published, each at its
+    own stream position); every internal command an applied command sends applied with it
+    (one partition: all are local, applied in their cause's batch); every command known to the
+    pure run that is applied has all its effects in the outbox; no outbox row without its
+    command applied.  Assumes one partition and an input stream without duplicates or dead
+    letters (what these runs publish).
     """
     problems: list[str] = []
     by_cause: dict[str, set[str]] = {}
+    internal_by_cause: dict[str, set[str]] = {}
     for sent in (*oracle.expected.internal.values(), *oracle.expected.downstream.values()):
         if not is_crossing(sent):
             by_cause.setdefault(sent.causation_id, set()).add(sent.key)
+    for sent in oracle.expected.internal.values():
+        if not is_crossing(sent):
+            internal_by_cause.setdefault(sent.causation_id, set()).add(sent.key)
     with read_only(db_path) as conn:
         conn.execute("BEGIN")  # one read transaction: one committed state
         offsets = dict(conn.execute("SELECT stream, seq FROM offsets").fetchall())
-        seqs = sorted(int(r[0]) for r in conn.execute("SELECT seq FROM applied"))
-        ids = {str(r[0]) for r in conn.execute("SELECT command_id FROM applied")}
+        rows = [(str(c), int(s)) for c, s in conn.execute("SELECT command_id, seq FROM applied")]
         outbox = {str(k): bytes(p) for k, p in conn.execute("SELECT key, payload FROM outbox")}
         conn.execute("COMMIT")
     offset = sum(offsets.values())
-    if seqs != list(range(1, offset + 1)):
+    ids = {c for c, _ in rows}
+    past = [c for c, seq in rows if seq > offset]
+    if past:
+        problems.append(f"applied past the offset {offset}: {sample(past)}")
+    published = list(oracle.expected.outcomes)
+    sources = [(seq, c) for c, seq in rows if c in oracle.expected.outcomes]
+    if {c for _, c in sources} != set(published[: len(sources)]):
         problems.append(
-            f"applied seqs are not exactly 1..{offset} (the offset): {len(seqs)} rows, "
-            f"max {seqs[-1] if seqs else 0}"
+            f"the {len(sources)} source commands applied are not the first ones published"
         )
+    if len({seq for seq, _ in sources}) != len(sources):
+        problems.append("source commands applied at the same stream position")
+    half = [c for c in ids if not internal_by_cause.get(c, set()) <= ids]
+    if half:
+        problems.append(f"applied without the internal commands they send: {sample(half)}")
     lost = [c for c in ids if not by_cause.get(c, set()) <= outbox.keys()]
     if lost:
         problems.append(f"applied without all their effects in the outbox: {sample(lost)}")

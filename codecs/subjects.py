@@ -31,6 +31,14 @@ _NEEDS_ESCAPE = re.compile(r"[.*>% \t\r\n\f\v/\x00-\x1f\x7f]")
 """One search instead of a per-character test: most ids need no escape (hot path)."""
 
 
+def fnv1a_32(data: bytes) -> int:
+    """32-bit FNV-1a, the hash of nats-server's ``partition()`` subject transform."""
+    h = 0x811C9DC5
+    for byte in data:
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
 def encode_token(value: str) -> str:
     """Encode a free-text id as one subject token (reversible, see :func:`decode_token`)."""
     if not value:
@@ -169,6 +177,13 @@ class Subjects:
         if self.partitions == 1:
             return [f"{self.prefix}.in.>", f"{self.prefix}.int.>"]
         return [f"{self.prefix}.part.{partition}.>"]
+
+    def partition_of(self, kind: str, entity: str) -> int:
+        """The partition of an entity: what the server's ``partition(n,1,2)`` mapping computes,
+        FNV-1a (32 bits) of the kind and id tokens joined without a separator, modulo n."""
+        if self.partitions == 1:
+            return 0
+        return fnv1a_32(f"{kind}{encode_token(entity)}".encode()) % self.partitions
 
     def partition_mappings(self) -> dict[str, str]:
         """Server subject mappings that spread entities over partitions (empty if one)."""

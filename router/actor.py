@@ -67,6 +67,9 @@ class Delivery:
     error: Exception | None = None
     """What the handler raised when :meth:`EntityActor.offer` applied it at once: the actor's
     task supervises from there (this was the first attempt)."""
+    effect_rows: list[Any] | None = None
+    """The outbox rows of its effects, when the worker built them while applying the local
+    ones (:mod:`caresync.router.local_fanout`)."""
 
 
 class BatchTracker:
@@ -78,6 +81,8 @@ class BatchTracker:
 
     def add(self) -> None:
         """One more delivery to wait for."""
+        if self._pending == 0 and self._done.is_set():
+            self._done = anyio.Event()  # waited for once already: wait afresh
         self._pending += 1
 
     def done(self) -> None:

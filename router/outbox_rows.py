@@ -93,11 +93,19 @@ def dead_letter_row(
         }
     )
     return OutboxRow(
-        key=f"dlq:{message.stream}:{message.seq}",
+        key=dead_letter_key(message),
         subject=subjects.dead_letter(code),
         payload=message.data,
         headers=headers,
     )
+
+
+def dead_letter_key(message: Inbound) -> str:
+    """The outbox key of a message's dead letter: its stream position (a local command's is
+    its root's position and its place after it)."""
+    if message.local_n:
+        return f"dlq:{message.stream}:{message.seq}.{message.local_n}"
+    return f"dlq:{message.stream}:{message.seq}"
 
 
 def undecodable_row(subjects: Subjects, message: Inbound, exc: CodecError) -> OutboxRow:

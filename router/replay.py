@@ -172,6 +172,7 @@ async def rebuild(
                 refdata=refdata,
                 already_sent=already_sent,
                 in_outbox=in_outbox[id(stores.of(p))],
+                partition=p,
             )
             total += await folder.run(end, progress=report)
         else:
@@ -185,6 +186,7 @@ async def rebuild(
                 publisher=publisher,
                 settings=settings,
                 refdata=refdata,
+                partition=p,
             )
             total += await worker.replay(end, already_sent=found[0], progress=report)
         log.info("partition_rebuilt", stream=stream, through_seq=end)

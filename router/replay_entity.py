@@ -34,7 +34,8 @@ from caresync.actors.contract import Accepted, EntityKind, Registry, Rejected
 from caresync.codecs import CodecError, Subjects, encode_token
 from caresync.router.decoding import CommandDecoder
 from caresync.router.jetstream import JetStreamTransport
-from caresync.router.outbox_rows import dead_letter_row, effect_row
+from caresync.router.local_fanout import as_applied
+from caresync.router.outbox_rows import dead_letter_key, dead_letter_row, effect_row
 from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay_diff import (
     EntityReplay,
@@ -55,7 +56,8 @@ _CHUNK = 500
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """The input messages of one entity, in stream order, through the committed offset."""
+    """The input messages of one entity, in the order its partition applied them (records of
+    local commands at their cause's place), through the committed offset."""
 
     kind: str
     entity: str
@@ -142,12 +144,13 @@ class EntityReplayer:
         truncated = int(info.state.first_seq) > 1
         if bound == 0:
             return History(kind, entity, stream, (), bound, truncated)
-        messages = await self._streams.read(
-            stream,
-            [self._streams.entity_filter(partition, kind, token)],
-            stop=lambda m: m.seq > bound,
-            progress=progress,
+        # To the end: a record of a command applied with its cause (local_fanout.py) is
+        # published after its cause's batch is committed, so it may lie past the offset.
+        read = await self._streams.read(
+            stream, [self._streams.entity_filter(partition, kind, token)], progress=progress
         )
+        applied = [as_applied(m) for m in read]
+        messages = sorted((m for m in applied if m.seq <= bound), key=lambda m: (m.seq, m.local_n))
         return History(kind, entity, stream, tuple(messages), bound, truncated)
 
     async def touched(self, since_ns: int, until_ns: int, kind: str = "") -> list[Touched]:
@@ -266,7 +269,7 @@ class EntityReplayer:
             if counted:
                 fold.reapplied += 1
                 fold.first_reapplied_ns = fold.first_reapplied_ns or m.timestamp_ns
-                fold.dlq_keys.append(f"dlq:{m.stream}:{m.seq}")
+                fold.dlq_keys.append(dead_letter_key(m))
             try:
                 prepared = decoder.prepare(m)
             except CodecError as exc:

@@ -34,12 +34,14 @@ import structlog
 from caresync.actors.contract import Registry
 from caresync.codecs import CodecError, Subjects
 from caresync.router.decoding import CommandDecoder, Prepared
+from caresync.router.local_fanout import LocalFanout
 from caresync.router.outbox_rows import undecodable_row
 from caresync.router.replay_fold_apply import DedupeKey, EntityKey, FoldApply, FoldEntity
 from caresync.router.transport import Inbound, InputConsumer, Transport
 from caresync.router.worker import WorkerSettings, WorkerStats
 from caresync.store import BatchWrite, EntityRow, OutboxRow, Store, StoreUnavailable
 from caresync.store.errors import map_sqlite_error
+from caresync.store.point_reads import PointReader
 
 log = structlog.get_logger("caresync.replay")
 
@@ -90,6 +92,7 @@ class PartitionFold:
         chunk_messages: int = CHUNK_MESSAGES,
         cache_entities: int = CACHE_ENTITIES,
         cache_applied: int = CACHE_APPLIED,
+        partition: int = 0,
     ) -> None:
         self.stream = stream
         self._transport = transport
@@ -109,7 +112,10 @@ class PartitionFold:
         self._chunk_messages = chunk_messages
         self._cache_entities = cache_entities
         self._cache_applied = cache_applied
-        self._apply = FoldApply(subjects, settings.supervision, in_outbox)
+        self._fanout = LocalFanout(subjects, self._decoder, partition)
+        self._apply = FoldApply(subjects, settings.supervision, in_outbox, self._fanout)
+        self._point: PointReader | None = None
+        """Lookups of the local commands' targets while entities may be only in the store."""
         self._from_store = False
         """True when entities or dedupe keys may be in the store and not in memory."""
         self._last_seq = 0
@@ -133,7 +139,8 @@ class PartitionFold:
         if start >= end_seq:
             return 0
         # Resuming: what the chunks before wrote is in the store, not in memory.
-        self._from_store = start > 0
+        if start > 0:
+            self._read_from_store()
         self._read_through = start
         self._reader = await self._transport.open_reader(self.stream, start + 1)
         try:
@@ -147,6 +154,9 @@ class PartitionFold:
             if self._reader is not None:
                 await self._reader.close()
             self._reader = None
+            if self._point is not None:
+                self._point.close()
+                self._point = None
         return self._last_seq - start
 
     async def _fold_next(self, end_seq: int) -> None:
@@ -163,7 +173,9 @@ class PartitionFold:
         apply, window = self._apply, self._settings.batch_size
         now = time.time()
         for message, p in zip(batch, prepared, strict=True):
-            if isinstance(p, CodecError):
+            if p is None:
+                apply.stats.local_records += 1
+            elif isinstance(p, CodecError):
                 self._dead_letter(message, p)
             else:
                 apply.apply(p, self._write, now)
@@ -175,7 +187,11 @@ class PartitionFold:
                     await self._commit()
         self._last_seq = batch[-1].seq
 
-    def _prepare(self, message: Inbound) -> Prepared | CodecError:
+    def _prepare(self, message: Inbound) -> Prepared | CodecError | None:
+        """The command of a message; None for a record of a local command (derived again from
+        its cause, not read)."""
+        if self._fanout.is_record(message):
+            return None
         try:
             return self._decoder.prepare(message)
         except CodecError as exc:
@@ -207,14 +223,14 @@ class PartitionFold:
         return self._already_sent
 
     # -- store ----------------------------------------------------------------------------------
-    async def _load_missing(self, prepared: list[Prepared | CodecError]) -> None:
+    async def _load_missing(self, prepared: list[Prepared | CodecError | None]) -> None:
         """Read back the entities and dedupe keys of a batch that may be only in the store."""
         apply = self._apply
         if len(apply.entities) > self._cache_entities or len(apply.applied) > self._cache_applied:
             # Keep only what the next commit still has to write.
             apply.entities = {key: apply.entities[key] for key in apply.dirty}
             apply.applied = {(a.kind, a.entity, a.command_id) for a in self._write.applied}
-            self._from_store = True
+            self._read_from_store()
         if not self._from_store:
             return
         commands = [p for p in prepared if isinstance(p, Prepared)]
@@ -229,6 +245,20 @@ class PartitionFold:
         unknown = list(dedupe - apply.applied)
         if unknown:
             apply.applied |= await self._store.applied_among(unknown)
+
+    def _read_from_store(self) -> None:
+        """From now on, entities and dedupe keys may be only in the store: the batch reads
+        fetch those of input messages, point reads those of local commands."""
+        self._from_store = True
+        if self._point is None:
+            self._point = point = PointReader(self._store.path)
+
+            def entity(key: EntityKey) -> FoldEntity | None:
+                row = point.entity(*key)
+                return None if row is None else self._loaded(row)
+
+            self._apply.lookup_entity = entity
+            self._apply.lookup_applied = lambda key: point.applied(*key)
 
     def _loaded(self, row: EntityRow) -> FoldEntity:
         """A stored snapshot as the pipeline loads it (undecodable: kept raw, parks on use)."""

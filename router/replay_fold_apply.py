@@ -10,7 +10,7 @@ back-off sleeps: handlers are pure), then its message and its entity are parked.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from caresync.actors.contract import Accepted, Command, EntityKind, Rejected
 from caresync.codecs import Subjects
 from caresync.router.actor import Applied, Outcome, Parked, Refused, Supervision
 from caresync.router.decoding import Prepared
+from caresync.router.local_fanout import LocalFanout, Tree
 from caresync.router.outbox_rows import dead_letter_row, effect_row, parked_row
 from caresync.router.worker import WorkerStats
 from caresync.store import AppliedRow, BatchWrite, OutboxRow
@@ -48,9 +49,20 @@ class FoldApply:
     """Applies commands to in-memory entities; rows go to the write and :attr:`outbox`."""
 
     def __init__(
-        self, subjects: Subjects, supervision: Supervision, in_outbox: Set[str] = frozenset()
+        self,
+        subjects: Subjects,
+        supervision: Supervision,
+        in_outbox: Set[str] = frozenset(),
+        fanout: LocalFanout | None = None,
     ) -> None:
         self._subjects = subjects
+        self._fanout = fanout
+        """Applies the commands for entities of the same partition with their cause, as the
+        pipeline does (None: every effect only becomes an outbox row)."""
+        self.lookup_entity: Callable[[EntityKey], FoldEntity | None] | None = None
+        """Reads an entity that may be only in the store (set while it may be)."""
+        self.lookup_applied: Callable[[DedupeKey], bool] | None = None
+        """Reads a dedupe record that may be only in the store (set while it may be)."""
         self._supervision = supervision
         self._in_outbox = in_outbox
         """Keys of rows the outbox has: the store would keep them as they are."""
@@ -65,23 +77,35 @@ class FoldApply:
         """The current window's effects and rejections, in message order."""
         self.stats = WorkerStats()
 
-    def apply(self, p: Prepared, write: BatchWrite, now: float) -> None:
-        """Decide one command and record its outcome as the pipeline's replay does."""
+    def apply(
+        self, p: Prepared, write: BatchWrite, now: float, tree: Tree | None = None
+    ) -> Outcome | None:
+        """Decide one command and record its outcome as the pipeline's replay does; then the
+        local commands it sends (``tree`` is their root's, for those).  None for a duplicate."""
         command, kind = p.command, p.kind
         name, entity = kind.name, command.entity
         dedupe = (name, entity, command.id)
-        if dedupe in self.applied or dedupe in self.window_seen:
+        if (
+            dedupe in self.applied
+            or dedupe in self.window_seen
+            or (tree is not None and self._stored_applied(dedupe))
+        ):
             self.stats.duplicates += 1
-            return
+            return None
         self.window_seen.add(dedupe)
         key = (name, entity)
         target = self.entities.get(key)
+        if target is None and tree is not None and self.lookup_entity is not None:
+            target = self.lookup_entity(key)
+            if target is not None:
+                self.entities[key] = target
         if target is None:
             target = self.entities[key] = FoldEntity(kind.initial(entity))
         seq = p.message.seq
         if target.parked:
-            self._park(p, write, Parked("entity is parked", 0, behind=True), now)
-            return
+            parked = Parked("entity is parked", 0, behind=True)
+            self._park(p, write, parked, now)
+            return parked
         if target.load_error:
             target.parked = True
             self._log(p).error("entity_parked", reason=target.load_error)
@@ -93,12 +117,13 @@ class FoldApply:
             self.stats.accepted += 1
             self.applied.add(dedupe)
             write.applied.append(AppliedRow(command.id, name, entity, seq, "accepted", "", now))
-            subjects, known = self._subjects, self._in_outbox
-            self.outbox.extend(
-                effect_row(subjects, name, command, e)
-                for e in outcome.effects
-                if e.key not in known
-            )
+            if self._fanout is None or not outcome.effects:
+                subjects, known = self._subjects, self._in_outbox
+                self.outbox.extend(
+                    effect_row(subjects, name, command, e)
+                    for e in outcome.effects
+                    if e.key not in known
+                )
         elif isinstance(outcome, Refused):
             self.stats.rejected += 1
             self.applied.add(dedupe)
@@ -116,11 +141,33 @@ class FoldApply:
                     entity=entity,
                 )
             )
-            return
+            return outcome
         else:
             self._park(p, write, outcome, now)
         target.seq = seq
         self.dirty[key] = target
+        if isinstance(outcome, Applied) and self._fanout is not None and outcome.effects:
+            self._fan_out(p, outcome, write, now, tree or Tree(p.message))
+        return outcome
+
+    def _fan_out(
+        self, cause: Prepared, outcome: Applied, write: BatchWrite, now: float, tree: Tree
+    ) -> None:
+        """The effects' rows, and the local commands applied depth first, in the pipeline's
+        order: the cause's rows come before those of the commands it applied."""
+        assert self._fanout is not None
+        at, known = len(self.outbox), self._in_outbox
+        rows = []
+        for effect in outcome.effects:
+            row, local = self._fanout.local(cause.kind.name, cause.command, effect, tree)
+            if row.key not in known:
+                rows.append(row)
+            if local is not None and isinstance(self.apply(local, write, now, tree), Parked):
+                tree.parked.add(local.key)
+        self.outbox[at:at] = rows
+
+    def _stored_applied(self, dedupe: DedupeKey) -> bool:
+        return self.lookup_applied is not None and self.lookup_applied(dedupe)
 
     @staticmethod
     def _try(

@@ -109,6 +109,7 @@ class Router:
                 settings=self.settings.worker,
                 refdata=refdata,
                 refdata_barrier=refdata_barrier,
+                partition=p,
             )
             for p in self.partitions
         ]

@@ -25,6 +25,9 @@ class Inbound:
     """Ack subject (JetStream); empty when the transport needs none."""
     timestamp_ns: int = 0
     """When the stream stored it, in nanoseconds since the epoch (0 if unknown)."""
+    local_n: int = 0
+    """For an internal command applied with its cause (``router/local_fanout.py``): it was the
+    n-th applied after the message at ``seq``, which it stands for; 0 for a message as read."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from caresync.router.actor import (
     Supervision,
 )
 from caresync.router.decoding import CommandDecoder, Prepared
+from caresync.router.local_fanout import LocalFanout, Tree
 from caresync.router.outbox_rows import (
     dead_letter_row,
     effect_row,
@@ -51,6 +52,7 @@ from caresync.store import (
     Store,
     StoreUnavailable,
 )
+from caresync.store.point_reads import PointReader
 
 log = structlog.get_logger("caresync.worker")
 
@@ -95,6 +97,8 @@ class WorkerStats:
     rejected: int = 0
     dead_lettered: int = 0
     parked: int = 0
+    local_records: int = 0
+    """Records of internal commands this partition applied with their cause, skipped."""
     batches: int = 0
     commit_retries: int = 0
     passivated: int = 0
@@ -185,6 +189,7 @@ class PartitionWorker:
         settings: WorkerSettings,
         refdata: Callable[[int], Any] | None = None,
         refdata_barrier: Callable[[], Awaitable[None]] | None = None,
+        partition: int = 0,
     ) -> None:
         self.stream = stream
         self.consumer_name = consumer_name
@@ -194,6 +199,9 @@ class PartitionWorker:
         self._publisher = publisher
         self._settings = settings
         self._decoder = CommandDecoder(registry, subjects, refdata)
+        self._fanout = LocalFanout(subjects, self._decoder, partition)
+        self._point: PointReader | None = None
+        """Opened on first use: lookups for local commands in the middle of a batch."""
         self._refdata_barrier = refdata_barrier
         self._state_decoders = {
             name: msgspec.msgpack.Decoder(kind.state_type) for name, kind in registry.kinds.items()
@@ -259,6 +267,7 @@ class PartitionWorker:
             with anyio.CancelScope(shield=True):
                 await self._commit(self._publisher.take_marks())
         finally:
+            self._close_point_reader()
             with anyio.CancelScope(shield=True):
                 await consumer.close()
         log.info("partition_stopped", stream=self.stream, last_seq=self._last_seq)
@@ -485,6 +494,7 @@ class PartitionWorker:
                         progress(self._last_seq - start)
                 self._close_actors()
         finally:
+            self._close_point_reader()
             await reader.close()
         return self._last_seq - start
 
@@ -520,6 +530,9 @@ class PartitionWorker:
         prepared: list[Prepared] = []
         missing: set[tuple[str, str]] = set()
         for message in batch:
+            if self._fanout.is_record(message):
+                stats.local_records += 1
+                continue
             try:
                 p = self._decoder.prepare(message)
             except CodecError as exc:
@@ -552,6 +565,12 @@ class PartitionWorker:
             delivery = Delivery(p, tracker)
             self._actor(p.kind, p.command.entity, loaded).offer(delivery)
             deliveries.append(delivery)
+            if delivery.outcome is None:
+                # Its handler raised: supervision decides before the next message, so that
+                # the local commands it may send keep their place (local_fanout.py).
+                await tracker.wait()
+            if isinstance(delivery.outcome, Applied) and delivery.outcome.effects:
+                await self._fan_out(delivery, Tree(p.message), loaded, seen, deliveries)
         await tracker.wait()
         touched: dict[tuple[str, str], tuple[EntityActor, int]] = {}
         for d in deliveries:
@@ -560,6 +579,59 @@ class PartitionWorker:
             raw = actor.state if actor.load_error else self._encoder.encode(actor.state)
             write.entities.append(EntityRow(kind, entity, raw, actor.parked, seq))
         return write
+
+    async def _fan_out(
+        self,
+        cause: Delivery,
+        tree: Tree,
+        loaded: dict[tuple[str, str], EntityRow],
+        seen: set[tuple[str, str, str]],
+        deliveries: list[Delivery],
+    ) -> None:
+        """Build the outbox rows of an applied command's effects, and apply those for entities
+        of this partition right away, depth first (:mod:`caresync.router.local_fanout`)."""
+        assert isinstance(cause.outcome, Applied)
+        p = cause.prepared
+        rows: list[OutboxRow] = []
+        cause.effect_rows = rows
+        for effect in cause.outcome.effects:
+            row, local = self._fanout.local(p.kind.name, p.command, effect, tree)
+            rows.append(row)
+            if local is None:
+                continue
+            dedupe_key = (local.kind.name, local.command.entity, local.command.id)
+            if (
+                dedupe_key in seen
+                or dedupe_key in self._uncommitted_keys
+                or self._point_reader().applied(*dedupe_key)
+            ):
+                self._pending.duplicates += 1
+                continue
+            seen.add(dedupe_key)
+            key = local.key
+            if key not in self._actors and key not in loaded:
+                stored = self._point_reader().entity(*key)
+                if stored is not None:
+                    loaded[key] = stored
+            delivery = Delivery(local, cause.batch)
+            self._actor(local.kind, local.command.entity, loaded).offer(delivery)
+            deliveries.append(delivery)
+            if delivery.outcome is None:
+                await cause.batch.wait()
+            if isinstance(delivery.outcome, Parked):
+                tree.parked.add(key)
+            elif isinstance(delivery.outcome, Applied) and delivery.outcome.effects:
+                await self._fan_out(delivery, tree, loaded, seen, deliveries)
+
+    def _point_reader(self) -> PointReader:
+        if self._point is None:
+            self._point = PointReader(self._store.path)
+        return self._point
+
+    def _close_point_reader(self) -> None:
+        if self._point is not None:
+            self._point.close()
+            self._point = None
 
     def _record(
         self,
@@ -573,9 +645,12 @@ class PartitionWorker:
         if isinstance(outcome, Applied):
             self._pending.accepted += 1
             write.applied.append(AppliedRow(command.id, kind, entity, msg.seq, "accepted", "", now))
-            write.outbox.extend(
-                effect_row(self._subjects, kind, command, e) for e in outcome.effects
-            )
+            if d.effect_rows is not None:
+                write.outbox.extend(d.effect_rows)
+            else:
+                write.outbox.extend(
+                    effect_row(self._subjects, kind, command, e) for e in outcome.effects
+                )
             touched[p.key] = (self._actors[p.key], msg.seq)
         elif isinstance(outcome, Refused):
             self._pending.rejected += 1

@@ -1,0 +1,129 @@
+"""Local fan-out: a command for an entity of the same partition is applied with its cause.
+
+An accepted command's effects include commands to other actors (``cs.int.<kind>.<id>``).  When
+the target lives in the same partition as the cause, the partition applies it at once, right
+after the cause and before the next input message, depth first (its own local commands right
+after it), in the same batch and the same store transaction.  Only targets in other
+partitions wait for the stream.  This saves a whole pipeline cycle per hop: a booking's tree
+(appointment, then supply, ERP, billing and procedures, then items) is applied in the batch of
+the booking.
+
+Every internal command is still published to the input stream, as before: the stream stays the
+log of everything the router decided (``replay entity`` reads it, audits read it).  A command
+applied locally is published as a *record*, with the header ``Caresync-Applied-At:
+<seq>.<n>.<ns>``: applied as the n-th local command after the input message at stream position
+``seq``, stored at ``ns`` (the time it was decided at, for the reference data in force).  The
+partition skips records when they come back; a rebuild derives them again from their cause,
+exactly as the live partition did, and skips them too; ``replay entity`` orders an entity's
+history by that position.
+
+The order is a function of the stream alone, never of batch boundaries or timing, which is
+what makes a rebuild reproduce the live state:
+- input messages in stream order; each one's local commands right after it, depth first, in
+  the order of its effects;
+- a local command is deduped like any other (by kind, entity and command id);
+- a command whose target already parked within the same tree goes through the stream instead
+  (a parked message is kept by stream position, and a tree has only one);
+- a command that does not decode (an actor bug) goes through the stream and dead-letters there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from caresync.actors.contract import ActorRef, Command, Effect
+from caresync.codecs import CodecError, Subjects
+from caresync.router.decoding import CommandDecoder, Prepared
+from caresync.router.outbox_rows import effect_row
+from caresync.router.transport import Inbound
+from caresync.store import OutboxRow
+
+H_APPLIED_AT = "Caresync-Applied-At"
+"""Header of an internal command applied locally: ``<root's stream seq>.<n>.<root's time>``."""
+
+
+@dataclass(slots=True)
+class Tree:
+    """The local commands derived from one input message (its root)."""
+
+    root: Inbound
+    count: int = 0
+    """Local commands applied so far (the n of the next one is ``count + 1``)."""
+    parked: set[tuple[str, str]] = field(default_factory=set)
+    """Entities that parked a local command of this tree."""
+
+
+def applied_at(message: Inbound) -> tuple[int, int, int] | None:
+    """(root seq, n, root time) of a record of a local command; None for another message."""
+    headers = message.headers
+    if not headers:
+        return None
+    value = headers.get(H_APPLIED_AT)
+    if value is None:
+        return None
+    parts = value.split(".")
+    try:
+        seq, n, ns = (int(part) for part in parts)
+    except ValueError:
+        return None
+    return seq, n, ns
+
+
+def as_applied(message: Inbound) -> Inbound:
+    """The message as its partition applied it: a record stands at its root's position and
+    time (``replay entity`` orders a history by this); any other message as it is."""
+    at = applied_at(message)
+    if at is None or at[0] >= message.seq:
+        return message
+    seq, n, ns = at
+    return Inbound(message.subject, message.data, message.headers, message.stream, seq, "", ns, n)
+
+
+class LocalFanout:
+    """Splits an accepted command's effects into outbox rows and commands to apply now."""
+
+    def __init__(self, subjects: Subjects, decoder: CommandDecoder, partition: int) -> None:
+        self._subjects = subjects
+        self._decoder = decoder
+        self._partition = partition
+
+    def is_record(self, message: Inbound) -> bool:
+        """A record of a command this partition applied with its cause: skipped when read.
+
+        Only on internal subjects, and only after its root: a source cannot make the router
+        skip its messages by setting the header."""
+        at = applied_at(message)
+        if at is None or at[0] >= message.seq:
+            return False
+        try:
+            return self._subjects.parse_address(message.subject).internal
+        except CodecError:
+            return False
+
+    def local(
+        self, source_kind: str, command: Command[Any], effect: Effect, tree: Tree
+    ) -> tuple[OutboxRow, Prepared | None]:
+        """The outbox row of one effect, and the command to apply now if it is local.
+
+        A local command's row is its record (with the header); the prepared command carries a
+        message that stands at its root's stream position and time."""
+        row = effect_row(self._subjects, source_kind, command, effect)
+        target = effect.target
+        if not isinstance(target, ActorRef):
+            return row, None
+        key = (target.kind, target.entity)
+        if key in tree.parked or self._subjects.partition_of(*key) != self._partition:
+            return row, None
+        root = tree.root
+        n = tree.count + 1
+        headers = {H_APPLIED_AT: f"{root.seq}.{n}.{root.timestamp_ns}"}
+        message = Inbound(
+            row.subject, row.payload, headers, root.stream, root.seq, "", root.timestamp_ns, n
+        )
+        try:
+            prepared = self._decoder.prepare(message)
+        except CodecError:
+            return row, None
+        tree.count += 1
+        return OutboxRow(row.key, row.subject, row.payload, dict(headers)), prepared
