@@ -275,6 +275,8 @@ async def _caresync(
     internal: list[tuple[str, bytes]] = []
     for p in range(subjects.partitions):
         internal += await fo.read_stream(js, subjects.input_stream(p), _internal(subjects, p))
+    # Those applied with their cause are recorded on the local stream instead.
+    internal += await fo.read_stream(js, subjects.local_stream, f"{subjects.prefix}.loc.>")
     downstream = await fo.read_stream(js, subjects.output_stream, f"{subjects.prefix}.out.>")
     levels = [
         {

@@ -196,8 +196,17 @@ class StreamCounts:
 
     input_messages: int
     internal_messages: int
+    """Internal commands in the input streams: those for another partition than their cause's."""
     output_messages: int
     dead_letters: int
+    local_records: int = 0
+    """Internal commands applied with their cause, recorded on the local stream."""
+
+    @property
+    def commands(self) -> int:
+        """Every command of the history: the input messages and the local records (a rebuild
+        reads the first and derives the others from their causes)."""
+        return self.input_messages + self.local_records
 
     @property
     def source_messages(self) -> int:
@@ -232,7 +241,8 @@ async def stream_counts(js: JetStreamContext, subjects: Subjects) -> StreamCount
         internal += await _count(js, stream, _internal_filter(subjects, p))
     output = int((await js.stream_info(subjects.output_stream)).state.messages or 0)
     dead = int((await js.stream_info(subjects.dead_letter_stream)).state.messages or 0)
-    return StreamCounts(total, internal, output, dead)
+    local = int((await js.stream_info(subjects.local_stream)).state.messages or 0)
+    return StreamCounts(total, internal, output, dead, local)
 
 
 def kinds_text(kinds: Counter[str], order: Sequence[str]) -> str:

@@ -239,7 +239,7 @@ def _rebuild_figures(run: RebuildRun, counts: Any) -> dict[str, Any]:
     folding_s, snapshots = elapsed - restore_s, s["snapshots"]
     first_quarter, last_quarter = run.quarter_rates()
     return {
-        "events_per_s": round(counts.input_messages / elapsed, 1),
+        "events_per_s": round(counts.commands / elapsed, 1),
         "source_events_per_s": round(counts.source_messages / elapsed, 1),
         "rebuild_s": round(elapsed, 3),
         "restore_s": restore_s,
@@ -307,7 +307,8 @@ async def measure(
         live_digest = state_digest(d.db_path)
         say(
             f"replay: history of {counts.input_messages:,} input messages "
-            f"({counts.internal_messages:,} internal fan-out) applied live in {live_s:.1f} s; "
+            f"({counts.internal_messages:,} internal fan-out) and {counts.local_records:,} local "
+            f"records applied live in {live_s:.1f} s; "
             "rebuilding from the snapshot"
         )
         nats_mem = memory_mb(d.server.pid)
@@ -337,6 +338,7 @@ async def measure(
         else 0.0,
         "source_events": counts.source_messages,
         "internal_messages": counts.internal_messages,
+        "local_records": counts.local_records,
         "nats_server_rss_mb": nats_mem["rss"],
         "live_s": round(live_s, 2),
         "live_commands_per_s": round(published.messages / live_s, 1),
@@ -439,7 +441,9 @@ def rows(result: Any) -> list[tuple[str, str]]:
             "  input stream",
             f"{k['input_messages']:,} messages: {f['source_events']:,} source events "
             f"({c['n']:,} commands + {k['stock_commands']:,} stock) + "
-            f"{f['internal_messages']:,} internal fan-out (cs.int); "
+            f"{f['internal_messages']:,} internal fan-out to another partition (cs.int); "
+            f"{f['local_records']:,} internal commands applied with their cause, in the local "
+            "stream (cs.loc: derived again by a rebuild, not read); "
             f"{c['output_messages']:,} downstream effects in the output stream",
         ),
         (
@@ -464,14 +468,15 @@ def rows(result: Any) -> list[tuple[str, str]]:
         *report.machine_rows(m),
         (
             "replay events/s",
-            f"from the snapshot: {f['events_per_s']:,.0f} history messages/s, "
-            f"{f['source_events_per_s']:,.0f} source events/s ({k['input_messages']:,} messages "
-            f"rebuilt in {f['rebuild_s']:.2f} s: restore {f['restore_s']:.2f} s + fold of "
+            f"from the snapshot: {f['events_per_s']:,.0f} history commands/s, "
+            f"{f['source_events_per_s']:,.0f} source events/s ({k['input_messages']:,} input "
+            f"messages + {f['local_records']:,} local records rebuilt in {f['rebuild_s']:.2f} s: "
+            f"restore {f['restore_s']:.2f} s + fold of "
             f"{f['messages_replayed']:,} tail messages at {f['fold_per_s']:,.0f}/s)",
         ),
         (
             "  in full (--full)",
-            f"{full['events_per_s']:,.0f} messages/s, {full['source_events_per_s']:,.0f} source "
+            f"{full['events_per_s']:,.0f} commands/s, {full['source_events_per_s']:,.0f} source "
             f"events/s ({full['messages_replayed']:,} folded in {full['rebuild_s']:.2f} s); the "
             f"snapshot's rebuild is {f['speedup_vs_full']:.1f}x faster",
         ),

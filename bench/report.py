@@ -236,7 +236,9 @@ def fanout_text(c: Mapping[str, Any]) -> str:
         f"{c['fanout']:.3f} internal commands per published command "
         f"({_fmt(c['internal_commands'])} for {_fmt(c['n'])}), "
         f"{c['downstream_per_command']:.3f} downstream effects published to the output stream; "
-        "the raw loop makes the same moves"
+        "the raw loop publishes and consumes every internal command; caresync publishes every "
+        "one too, but consumes only those for another partition (it applies the others with "
+        "their cause and records them on its local stream)"
     )
 
 

@@ -114,6 +114,11 @@ class Subjects:
         """Subject for a command one actor sends to another."""
         return f"{self.prefix}.int.{kind}.{encode_token(entity)}"
 
+    def local_record(self, kind: str, entity: str) -> str:
+        """Subject of the record of a command an actor sent to an entity of its own partition,
+        applied there with its cause (kept in :attr:`local_stream`, read by no router)."""
+        return f"{self.prefix}.loc.{kind}.{encode_token(entity)}"
+
     def downstream(self, system: str, key: str) -> str:
         """Subject for an effect addressed to a downstream system."""
         return f"{self.prefix}.out.{system}.{encode_token(key)}"
@@ -197,6 +202,11 @@ class Subjects:
             )
             for role in ("in", "int")
         }
+
+    @property
+    def local_stream(self) -> str:
+        """Name of the stream of records of local commands (``router/local_fanout.py``)."""
+        return f"{self.stream_prefix}_LOCAL"
 
     @property
     def output_stream(self) -> str:

@@ -8,14 +8,15 @@ partitions wait for the stream.  This saves a whole pipeline cycle per hop: a bo
 (appointment, then supply, ERP, billing and procedures, then items) is applied in the batch of
 the booking.
 
-Every internal command is still published to the input stream, as before: the stream stays the
-log of everything the router decided (``replay entity`` reads it, audits read it).  A command
-applied locally is published as a *record*, with the header ``Caresync-Applied-At:
-<seq>.<n>.<ns>``: applied as the n-th local command after the input message at stream position
-``seq``, stored at ``ns`` (the time it was decided at, for the reference data in force).  The
-partition skips records when they come back; a rebuild derives them again from their cause,
-exactly as the live partition did, and skips them too; ``replay entity`` orders an entity's
-history by that position.
+Every internal command is still published, as before, once its batch is committed: a command
+for another partition on ``cs.int.<kind>.<id>`` to that partition's input stream; a command
+applied locally on ``cs.loc.<kind>.<id>`` to the stream ``<PREFIX>_LOCAL``, as a *record* that no
+router reads, with the header ``Caresync-Applied-At: <seq>.<n>.<ns>``: applied as the n-th local
+command after the input message at position ``seq`` of its partition's input stream, stored at
+``ns`` (the time it was decided at, for the reference data in force).  The input streams and the
+local stream together are the log of everything the router decided: a rebuild derives the
+records again from their causes, exactly as the live partition did; ``replay entity`` reads
+both streams and puts each record at its place.
 
 The order is a function of the stream alone, never of batch boundaries or timing, which is
 what makes a rebuild reproduce the live state:
@@ -70,14 +71,15 @@ def applied_at(message: Inbound) -> tuple[int, int, int] | None:
     return seq, n, ns
 
 
-def as_applied(message: Inbound) -> Inbound:
-    """The message as its partition applied it: a record stands at its root's position and
-    time (``replay entity`` orders a history by this); any other message as it is."""
-    at = applied_at(message)
-    if at is None or at[0] >= message.seq:
-        return message
+def as_applied(record: Inbound, subject: str, stream: str) -> Inbound | None:
+    """A record as its partition applied it: on its internal ``subject``, at its root's
+    position in the input ``stream`` and its root's time (``replay entity`` orders a history by
+    this); None if it has no valid header."""
+    at = applied_at(record)
+    if at is None:
+        return None
     seq, n, ns = at
-    return Inbound(message.subject, message.data, message.headers, message.stream, seq, "", ns, n)
+    return Inbound(subject, record.data, record.headers, stream, seq, "", ns, n)
 
 
 class LocalFanout:
@@ -88,26 +90,13 @@ class LocalFanout:
         self._decoder = decoder
         self._partition = partition
 
-    def is_record(self, message: Inbound) -> bool:
-        """A record of a command this partition applied with its cause: skipped when read.
-
-        Only on internal subjects, and only after its root: a source cannot make the router
-        skip its messages by setting the header."""
-        at = applied_at(message)
-        if at is None or at[0] >= message.seq:
-            return False
-        try:
-            return self._subjects.parse_address(message.subject).internal
-        except CodecError:
-            return False
-
     def local(
         self, source_kind: str, command: Command[Any], effect: Effect, tree: Tree
     ) -> tuple[OutboxRow, Prepared | None]:
         """The outbox row of one effect, and the command to apply now if it is local.
 
-        A local command's row is its record (with the header); the prepared command carries a
-        message that stands at its root's stream position and time."""
+        A local command's row is its record (on the local stream, with the header); the prepared
+        command carries a message that stands at its root's stream position and time."""
         row = effect_row(self._subjects, source_kind, command, effect)
         target = effect.target
         if not isinstance(target, ActorRef):
@@ -126,4 +115,5 @@ class LocalFanout:
         except CodecError:
             return row, None
         tree.count += 1
-        return OutboxRow(row.key, row.subject, row.payload, dict(headers)), prepared
+        record = self._subjects.local_record(*key)
+        return OutboxRow(row.key, record, row.payload, dict(headers)), prepared

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from caresync.codecs import Subjects
+from caresync.router.provision import stream_specs
 from caresync.router.transport import Inbound, Outbound, PublishResult, PublishStatus
 
 
@@ -53,6 +55,11 @@ class MemoryTransport:
         stream = MemoryStream(name, list(subjects))
         self.streams[name] = stream
         return stream
+
+    def provision(self, subjects: Subjects) -> None:
+        """Create every stream a deployment with these subjects has (as ``provision()``)."""
+        for spec in stream_specs(subjects):
+            self.add_stream(spec.name, spec.subjects)
 
     def append(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None

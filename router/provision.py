@@ -31,7 +31,8 @@ class StreamSpec:
 
 
 def stream_specs(subjects: Subjects) -> list[StreamSpec]:
-    """Every stream: one input stream per partition, output, dead letters, reference data."""
+    """Every stream: one input stream per partition, local records, output, raw source
+    messages, dead letters, reference data."""
     specs = [
         StreamSpec(
             subjects.input_stream(p),
@@ -40,6 +41,13 @@ def stream_specs(subjects: Subjects) -> list[StreamSpec]:
         )
         for p in range(subjects.partitions)
     ]
+    specs.append(
+        StreamSpec(
+            subjects.local_stream,
+            (f"{subjects.prefix}.loc.>",),
+            "caresync records of internal commands applied with their cause, every partition",
+        )
+    )
     specs.append(
         StreamSpec(
             subjects.output_stream,

@@ -81,8 +81,14 @@ async def sent_effect_keys(
 
 
 def _streams(subjects: Subjects) -> list[str]:
-    """Every stream of the deployment: the input streams, the output and dead-letter ones."""
-    return [*subjects.input_streams(), subjects.output_stream, subjects.dead_letter_stream]
+    """Every stream that holds effects: the input streams, the local records, the output and
+    dead-letter ones."""
+    return [
+        *subjects.input_streams(),
+        subjects.local_stream,
+        subjects.output_stream,
+        subjects.dead_letter_stream,
+    ]
 
 
 async def rebuild(

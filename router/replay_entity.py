@@ -28,13 +28,14 @@ from typing import Any
 
 import anyio
 import msgspec
+import nats.js.errors
 import structlog
 
 from caresync.actors.contract import Accepted, EntityKind, Registry, Rejected
 from caresync.codecs import CodecError, Subjects, encode_token
 from caresync.router.decoding import CommandDecoder
 from caresync.router.jetstream import JetStreamTransport
-from caresync.router.local_fanout import as_applied
+from caresync.router.local_fanout import applied_at, as_applied
 from caresync.router.outbox_rows import dead_letter_key, dead_letter_row, effect_row
 from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay_diff import (
@@ -135,7 +136,11 @@ class EntityReplayer:
     async def history(self, kind: str, entity: str, progress: Progress | None = None) -> History:
         """The entity's input messages through the committed offset (none if it has none)."""
         token = encode_token(entity)
+        # Commands applied with their cause (local_fanout.py), to put at their cause's place.
+        records = await self._local_records([self._subjects.local_record(kind, entity)])
         partition = await self._streams.partition(kind, token)
+        if partition is None and records:  # only ever reached by local commands
+            partition = self._subjects.partition_of(kind, entity)
         if partition is None:  # partitioned, and no partition has a message for it
             return History(kind, entity, "", (), 0, False)
         stream = self._subjects.input_stream(partition)
@@ -144,13 +149,18 @@ class EntityReplayer:
         truncated = int(info.state.first_seq) > 1
         if bound == 0:
             return History(kind, entity, stream, (), bound, truncated)
-        # To the end: a record of a command applied with its cause (local_fanout.py) is
-        # published after its cause's batch is committed, so it may lie past the offset.
-        read = await self._streams.read(
-            stream, [self._streams.entity_filter(partition, kind, token)], progress=progress
+        inputs = await self._streams.read(
+            stream,
+            [self._streams.entity_filter(partition, kind, token)],
+            stop=lambda m: m.seq > bound,
+            progress=progress,
         )
-        applied = [as_applied(m) for m in read]
-        messages = sorted((m for m in applied if m.seq <= bound), key=lambda m: (m.seq, m.local_n))
+        subject = self._subjects.internal(kind, entity)
+        local = [as_applied(r, subject, stream) for r in records]
+        messages = sorted(
+            [*inputs, *(m for m in local if m is not None and m.seq <= bound)],
+            key=lambda m: (m.seq, m.local_n),
+        )
         return History(kind, entity, stream, tuple(messages), bound, truncated)
 
     async def touched(self, since_ns: int, until_ns: int, kind: str = "") -> list[Touched]:
@@ -183,7 +193,48 @@ class EntityReplayer:
                     found[key] = Touched(
                         address.kind, address.entity, stream, m.seq, m.timestamp_ns
                     )
+        await self._touched_locally(found, since_ns, until_ns, kind)
         return sorted(found.values(), key=lambda t: (t.first_ns, t.stream, t.first_seq))
+
+    async def _local_records(
+        self, filters: list[str], *, since_ns: int = 0, headers_only: bool = False
+    ) -> list[Inbound]:
+        """Records of the local stream on ``filters`` (none if the deployment has no local
+        stream yet: its router has not run since local fan-out came)."""
+        try:
+            return await self._streams.read(
+                self._subjects.local_stream, filters, start_ns=since_ns, headers_only=headers_only
+            )
+        except nats.js.errors.NotFoundError:
+            return []
+
+    async def _touched_locally(
+        self, found: dict[tuple[str, str], Touched], since_ns: int, until_ns: int, kind: str
+    ) -> None:
+        """Add the entities that commands applied with their cause touched in the window
+        (their records are stored after their cause, at or after ``since_ns``)."""
+        s = self._subjects
+        bounds = {stream: await self._stores.offset(stream) for stream in s.input_streams()}
+        records = await self._local_records(
+            [f"{s.prefix}.loc.{kind}.*"] if kind else [], since_ns=since_ns, headers_only=True
+        )
+        for r in records:
+            at = applied_at(r)
+            parts = r.subject.split(".")
+            if at is None or len(parts) < 2:
+                continue
+            seq, _, ns = at
+            try:
+                address = s.parse_address(".".join((s.prefix, "int", *parts[-2:])))
+            except CodecError:
+                continue
+            stream = s.input_stream(s.partition_of(address.kind, address.entity))
+            if not since_ns <= ns <= until_ns or seq > bounds.get(stream, 0):
+                continue
+            key = (address.kind, address.entity)
+            first = found.get(key)
+            if first is None or (ns, seq) < (first.first_ns, first.first_seq):
+                found[key] = Touched(address.kind, address.entity, stream, seq, ns)
 
     # -- replaying --------------------------------------------------------------------------
     async def replay(self, history: History, *, from_seq: int, dry_run: bool) -> EntityReplay:

@@ -173,9 +173,7 @@ class PartitionFold:
         apply, window = self._apply, self._settings.batch_size
         now = time.time()
         for message, p in zip(batch, prepared, strict=True):
-            if p is None:
-                apply.stats.local_records += 1
-            elif isinstance(p, CodecError):
+            if isinstance(p, CodecError):
                 self._dead_letter(message, p)
             else:
                 apply.apply(p, self._write, now)
@@ -187,11 +185,7 @@ class PartitionFold:
                     await self._commit()
         self._last_seq = batch[-1].seq
 
-    def _prepare(self, message: Inbound) -> Prepared | CodecError | None:
-        """The command of a message; None for a record of a local command (derived again from
-        its cause, not read)."""
-        if self._fanout.is_record(message):
-            return None
+    def _prepare(self, message: Inbound) -> Prepared | CodecError:
         try:
             return self._decoder.prepare(message)
         except CodecError as exc:
@@ -223,7 +217,7 @@ class PartitionFold:
         return self._already_sent
 
     # -- store ----------------------------------------------------------------------------------
-    async def _load_missing(self, prepared: list[Prepared | CodecError | None]) -> None:
+    async def _load_missing(self, prepared: list[Prepared | CodecError]) -> None:
         """Read back the entities and dedupe keys of a batch that may be only in the store."""
         apply = self._apply
         if len(apply.entities) > self._cache_entities or len(apply.applied) > self._cache_applied:

@@ -68,8 +68,7 @@ class EntityStreams:
         filters: dict[str, set[str]] = {}
         from_start: set[str] = set()
         for key, subject in wanted.items():
-            where = await self.stored_at(subject)
-            if where is not None:
+            for where in await self._places(subject):
                 filters.setdefault(where[0], set()).add(where[1])
                 if key not in anchored:
                     from_start.add(where[0])
@@ -85,6 +84,17 @@ class EntityStreams:
                 if msg_id in wanted:
                     found.add(msg_id)
         return found
+
+    async def _places(self, subject: str) -> list[tuple[str, str]]:
+        """Where a message on ``subject`` may be: an internal command is in its partition's
+        input stream, or, applied with its cause, recorded in the local stream."""
+        where = await self.stored_at(subject)
+        places = [] if where is None else [where]
+        s = self._subjects
+        head = f"{s.prefix}.int."
+        if subject.startswith(head):
+            places.append((s.local_stream, f"{s.prefix}.loc.{subject[len(head) :]}"))
+        return places
 
     async def stored_at(self, subject: str) -> tuple[str, str] | None:
         """The stream that stores ``subject``, and the subject as stored (partitions map it)."""
@@ -106,6 +116,8 @@ class EntityStreams:
             return s.input_stream(partition), f"{s.prefix}.part.{partition}.{rest}"
         if role == "out":
             return s.output_stream, subject
+        if role == "loc":
+            return s.local_stream, subject
         if role == "dlq":
             return s.dead_letter_stream, subject
         return None

@@ -97,8 +97,6 @@ class WorkerStats:
     rejected: int = 0
     dead_lettered: int = 0
     parked: int = 0
-    local_records: int = 0
-    """Records of internal commands this partition applied with their cause, skipped."""
     batches: int = 0
     commit_retries: int = 0
     passivated: int = 0
@@ -161,6 +159,27 @@ class _ToPublish:
     seq_range: tuple[int, int] | None
     last: Inbound | None
     """The message to ack through; None for a release (nothing new was read)."""
+
+
+DedupeKey = tuple[str, str, str]
+"""(kind, entity id, command id)."""
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One pass of applying a batch (a batch is applied again if the store knew a local
+    command that memory did not)."""
+
+    loaded: dict[tuple[str, str], EntityRow]
+    known: Set[DedupeKey]
+    """Local commands the store has: duplicates."""
+    tracker: BatchTracker = field(default_factory=BatchTracker)
+    deliveries: list[Delivery] = field(default_factory=list)
+    seen: set[DedupeKey] = field(default_factory=set)
+    derived: set[DedupeKey] = field(default_factory=set)
+    """Local commands offered: their dedupe records are looked for once the pass is done."""
+    saved: dict[tuple[str, str], tuple[Any, bool, str] | None] = field(default_factory=dict)
+    """Each touched actor as it was before (state, parked, load error); None if not live."""
 
 
 @dataclass(slots=True)
@@ -530,9 +549,6 @@ class PartitionWorker:
         prepared: list[Prepared] = []
         missing: set[tuple[str, str]] = set()
         for message in batch:
-            if self._fanout.is_record(message):
-                stats.local_records += 1
-                continue
             try:
                 p = self._decoder.prepare(message)
             except CodecError as exc:
@@ -549,47 +565,66 @@ class PartitionWorker:
             [(p.kind.name, p.command.entity, p.command.id) for p in prepared]
         )
         loaded = await self._store.load_entities(list(missing)) if missing else {}
-        tracker = BatchTracker()
-        deliveries: list[Delivery] = []
-        seen: set[tuple[str, str, str]] = set()
-        for p in prepared:
-            dedupe_key = (p.kind.name, p.command.entity, p.command.id)
-            if (
-                dedupe_key in done_before
-                or dedupe_key in seen
-                or dedupe_key in self._uncommitted_keys
-            ):
-                stats.duplicates += 1
-                continue
-            seen.add(dedupe_key)
-            delivery = Delivery(p, tracker)
-            self._actor(p.kind, p.command.entity, loaded).offer(delivery)
-            deliveries.append(delivery)
-            if delivery.outcome is None:
-                # Its handler raised: supervision decides before the next message, so that
-                # the local commands it may send keep their place (local_fanout.py).
-                await tracker.wait()
-            if isinstance(delivery.outcome, Applied) and delivery.outcome.effects:
-                await self._fan_out(delivery, Tree(p.message), loaded, seen, deliveries)
-        await tracker.wait()
+        # Local commands are deduped against memory as they are applied, against the store in
+        # one read once the batch is applied: one that the store has (rare: a key that does not
+        # follow from its cause's) undoes the batch, which is applied again knowing it.
+        known: set[DedupeKey] = set()
+        duplicates = stats.duplicates
+        while True:
+            run = _Pass(loaded, known)
+            await self._apply_in_order(prepared, done_before, run)
+            found = await self._store.applied_among(list(run.derived)) if run.derived else set()
+            if not found:
+                break
+            known |= found
+            self._undo(run)
+            stats.duplicates = duplicates
         touched: dict[tuple[str, str], tuple[EntityActor, int]] = {}
-        for d in deliveries:
+        for d in run.deliveries:
             self._record(d, write, touched, now)
         for (kind, entity), (actor, seq) in touched.items():
             raw = actor.state if actor.load_error else self._encoder.encode(actor.state)
             write.entities.append(EntityRow(kind, entity, raw, actor.parked, seq))
         return write
 
-    async def _fan_out(
-        self,
-        cause: Delivery,
-        tree: Tree,
-        loaded: dict[tuple[str, str], EntityRow],
-        seen: set[tuple[str, str, str]],
-        deliveries: list[Delivery],
+    async def _apply_in_order(
+        self, prepared: list[Prepared], done_before: Set[DedupeKey], run: _Pass
     ) -> None:
+        """Offer each command to its actor in stream order, each followed by the local
+        commands it sends (:mod:`caresync.router.local_fanout`)."""
+        for p in prepared:
+            dedupe_key = (p.kind.name, p.command.entity, p.command.id)
+            if (
+                dedupe_key in done_before
+                or dedupe_key in run.seen
+                or dedupe_key in self._uncommitted_keys
+            ):
+                self._pending.duplicates += 1
+                continue
+            run.seen.add(dedupe_key)
+            delivery = await self._offer(p, run)
+            if isinstance(delivery.outcome, Applied) and delivery.outcome.effects:
+                await self._fan_out(delivery, Tree(p.message), run)
+        await run.tracker.wait()
+
+    async def _offer(self, p: Prepared, run: _Pass) -> Delivery:
+        """Hand one command to its actor; wait for its outcome if its handler raised (the
+        supervision decides before the next command, so that the local commands it may send
+        keep their place)."""
+        key = p.key
+        if key not in run.saved:
+            live = self._actors.get(key)
+            run.saved[key] = None if live is None else (live.state, live.parked, live.load_error)
+        delivery = Delivery(p, run.tracker)
+        self._actor(p.kind, p.command.entity, run.loaded).offer(delivery)
+        run.deliveries.append(delivery)
+        if delivery.outcome is None:
+            await run.tracker.wait()
+        return delivery
+
+    async def _fan_out(self, cause: Delivery, tree: Tree, run: _Pass) -> None:
         """Build the outbox rows of an applied command's effects, and apply those for entities
-        of this partition right away, depth first (:mod:`caresync.router.local_fanout`)."""
+        of this partition right away, depth first."""
         assert isinstance(cause.outcome, Applied)
         p = cause.prepared
         rows: list[OutboxRow] = []
@@ -601,27 +636,36 @@ class PartitionWorker:
                 continue
             dedupe_key = (local.kind.name, local.command.entity, local.command.id)
             if (
-                dedupe_key in seen
+                dedupe_key in run.seen
                 or dedupe_key in self._uncommitted_keys
-                or self._point_reader().applied(*dedupe_key)
+                or dedupe_key in run.known
             ):
                 self._pending.duplicates += 1
                 continue
-            seen.add(dedupe_key)
+            run.seen.add(dedupe_key)
+            run.derived.add(dedupe_key)
             key = local.key
-            if key not in self._actors and key not in loaded:
+            if key not in self._actors and key not in run.loaded:
                 stored = self._point_reader().entity(*key)
                 if stored is not None:
-                    loaded[key] = stored
-            delivery = Delivery(local, cause.batch)
-            self._actor(local.kind, local.command.entity, loaded).offer(delivery)
-            deliveries.append(delivery)
-            if delivery.outcome is None:
-                await cause.batch.wait()
+                    run.loaded[key] = stored
+            delivery = await self._offer(local, run)
             if isinstance(delivery.outcome, Parked):
                 tree.parked.add(key)
             elif isinstance(delivery.outcome, Applied) and delivery.outcome.effects:
-                await self._fan_out(delivery, tree, loaded, seen, deliveries)
+                await self._fan_out(delivery, tree, run)
+
+    def _undo(self, run: _Pass) -> None:
+        """Put every actor the pass touched back as it was before it."""
+        for key, before in run.saved.items():
+            actor = self._actors.get(key)
+            if actor is None:
+                continue
+            if before is None:  # made by this pass: made again from the store next time
+                del self._actors[key]
+                actor.close()
+            else:
+                actor.state, actor.parked, actor.load_error = before
 
     def _point_reader(self) -> PointReader:
         if self._point is None:

@@ -3,9 +3,10 @@
 The pipeline reads what a batch needs from the store before applying it, in one query per
 table on the store's reader thread.  A command that an actor sends to another entity of the
 same partition is applied in the same batch, right after its cause (see
-:mod:`caresync.router.local_fanout`), so its target's snapshot and dedupe record can only be
-read once the cause is applied: one indexed lookup each, a few microseconds, which costs less
-done at once on the event loop's thread than handed to another thread and awaited.
+:mod:`caresync.router.local_fanout`), so its target's snapshot (and, in a rebuild, its dedupe
+record) can only be read once the cause is applied: one indexed lookup each, a few
+microseconds, which costs less done at once on the event loop's thread than handed to another
+thread and awaited.
 
 The connection is read-only and sees what is committed (WAL); the caller keeps what it has
 applied and not yet committed in memory, as it does for the batch reads.

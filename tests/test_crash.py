@@ -126,10 +126,14 @@ async def test_sigkill_mid_stream_applies_everything_exactly_once(
 
         expected_internal = oracle.internal
 
+        # One partition: every internal command is applied with its cause and recorded on
+        # the local stream, exactly once whatever the kills.
+        local = f"{prefix.upper()}_LOCAL"
+
         async def quiescent() -> bool:
             info = await js.stream_info(stream)
-            internal = await js.stream_info(stream, subjects_filter=f"{prefix}.int.>")
-            count = sum((internal.state.subjects or {}).values())
+            records = await js.stream_info(local)
+            count = int(records.state.messages or 0)
             return count >= expected_internal and await router_seq() == info.state.last_seq
 
         await wait_for(quiescent, timeout_s=60, what="every command and effect to be applied")
@@ -137,7 +141,8 @@ async def test_sigkill_mid_stream_applies_everything_exactly_once(
         with anyio.fail_after(10):
             assert await process.wait() == 0, log.read_text()[-3000:]
 
-        internal = await stream_messages(js, stream, f"{prefix}.int.>")
+        assert not await stream_messages(js, stream, f"{prefix}.int.>")
+        internal = await stream_messages(js, local, f"{prefix}.loc.>")
         downstream = await stream_messages(js, f"{prefix.upper()}_OUT", f"{prefix}.out.>")
     finally:
         if process.returncode is None:

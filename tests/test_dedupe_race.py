@@ -93,9 +93,7 @@ async def test_a_copy_committed_during_the_next_batchs_dedupe_read_is_a_duplicat
     tmp_path: Path,
 ) -> None:
     transport = MemoryTransport()
-    transport.add_stream(IN, S.input_stream_subjects(0))
-    transport.add_stream(S.output_stream, [f"{S.prefix}.out.>"])
-    transport.add_stream(S.dead_letter_stream, [f"{S.prefix}.dlq.>"])
+    transport.provision(S)
     for subject, data in [count("T1", "X"), count("T1", "X"), count("T1", "Y")]:
         transport.append(subject, data, None)  # no Msg-Id: only the router's dedupe stands
     store = await RacingStore.open(tmp_path / "router.db")

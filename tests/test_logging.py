@@ -26,9 +26,7 @@ S = Subjects()
 @pytest.mark.anyio
 async def test_a_rejection_is_logged_with_entity_command_and_correlation(tmp_path: Path) -> None:
     transport = MemoryTransport()
-    transport.add_stream(S.input_stream(0), S.input_stream_subjects(0))
-    transport.add_stream(S.output_stream, [f"{S.prefix}.out.>"])
-    transport.add_stream(S.dead_letter_stream, [f"{S.prefix}.dlq.>"])
+    transport.provision(S)
     # A cancellation of an appointment nobody booked yet: rejected by the appointment actor.
     env = make_envelope(
         id="cancel-1",

@@ -39,6 +39,7 @@ async def test_provisioning_is_idempotent_and_follows_config_changes(
                 f"created stream {name}"
                 for name in (
                     subjects.input_stream(0),
+                    subjects.local_stream,
                     subjects.output_stream,
                     subjects.raw_stream,
                     subjects.dead_letter_stream,
@@ -52,7 +53,7 @@ async def test_provisioning_is_idempotent_and_follows_config_changes(
 
     changed = make_config(unique_prefix, streams={"duplicate_window_s": 30.0, "max_age_s": 86400.0})
     updates = await provision(js, subjects, changed.streams)
-    assert len(updates) == 5
+    assert len(updates) == 6
     assert all("duplicate_window" in line and "max_age" in line for line in updates)
     info = await js.stream_info(subjects.input_stream(0))
     assert info.config.duplicate_window == pytest.approx(30.0)
@@ -80,7 +81,7 @@ async def test_a_snapshot_bucket_that_cannot_be_made_does_not_stop_the_router_st
     # Another stream already takes the bucket's subjects: the object store cannot be made.
     await js.add_stream(name=f"{unique_prefix}_SQUAT", subjects=[f"$O.{bucket_name(subjects)}.>"])
     created = await provision(js, subjects, cfg.streams)
-    assert len(created) == 5
+    assert len(created) == 6
     assert all(line.startswith("created stream ") for line in created)
     with pytest.raises(
         ProvisioningError, match=f"cannot create object store {bucket_name(subjects)}"

@@ -295,7 +295,7 @@ async def test_an_interrupted_fold_resumes_after_its_last_chunk(
                 settings=WorkerSettings.from_config(h.cfg),
                 refdata=refdata,
                 already_sent=sent,
-                chunk_messages=120,
+                chunk_messages=20,
                 **caches,
             )
 
@@ -324,9 +324,7 @@ async def test_on_full_batches_the_outbox_order_is_the_pipelines_too(tmp_path: P
     # The in-memory transport always hands out full batches: the windows are the batches.
     s = Subjects()
     transport = MemoryTransport()
-    transport.add_stream(s.input_stream(0), s.input_stream_subjects(0))
-    transport.add_stream(s.output_stream, [f"{s.prefix}.out.>"])
-    transport.add_stream(s.dead_letter_stream, [f"{s.prefix}.dlq.>"])
+    transport.provision(s)
     catalog = RefDataCatalog()
     catalog.add(1, 0, demo_refdata().dataset)
     before, after = history(s)

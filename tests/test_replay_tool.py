@@ -248,16 +248,19 @@ async def test_a_window_replays_every_entity_it_touched_and_all_agree_with_the_l
     since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     until = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
     doc = await replay_window(deployment, capsys, since=since, until=until, kind="")
+    prefix = deployment.cfg.streams.subject_prefix
     async with client(deployment.url) as nc:
         inputs = await stream_messages(
-            nc.jetstream(),
-            deployment.subjects.input_stream(0),
-            f"{deployment.cfg.streams.subject_prefix}.>",
+            nc.jetstream(), deployment.subjects.input_stream(0), f"{prefix}.>"
         )
-    touched = {
-        (a.kind, a.entity)
-        for a in (deployment.subjects.parse_address(m.subject or "") for m in inputs)
-    }
+        # One partition: every internal command was applied with its cause and recorded.
+        records = await stream_messages(
+            nc.jetstream(), deployment.subjects.local_stream, f"{prefix}.loc.>"
+        )
+    assert records
+    subjects = [m.subject or "" for m in inputs]
+    subjects += [(m.subject or "").replace(f"{prefix}.loc.", f"{prefix}.int.", 1) for m in records]
+    touched = {(a.kind, a.entity) for a in map(deployment.subjects.parse_address, subjects)}
     assert {(e["kind"], e["id"]) for e in doc["entities"]} == touched
     assert {k for k, _ in touched} >= {"appointment", "billing", "supply", "erp", "procedure"}
     # Every kind, replayed from its log with the data in force, is what the live router made.

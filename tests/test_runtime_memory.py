@@ -110,9 +110,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 @pytest.fixture
 def transport() -> MemoryTransport:
     t = MemoryTransport()
-    t.add_stream(IN, S.input_stream_subjects(0))
-    t.add_stream(S.output_stream, [f"{S.prefix}.out.>"])
-    t.add_stream(S.dead_letter_stream, [f"{S.prefix}.dlq.>"])
+    t.provision(S)
     return t
 
 
@@ -274,6 +272,12 @@ def msg_ids(transport: MemoryTransport, pattern: str, stream: str = IN) -> list[
     return [(m.headers or {}).get("Nats-Msg-Id", "") for m in messages(transport, stream, pattern)]
 
 
+def internal_ids(transport: MemoryTransport) -> list[str]:
+    """Msg-Ids of every internal command sent: to the input stream, or (one partition: all of
+    them) applied with its cause and recorded on the local stream."""
+    return [*msg_ids(transport, "cs.int.>"), *msg_ids(transport, "cs.loc.>", S.local_stream)]
+
+
 def downstream_ids(transport: MemoryTransport) -> list[str]:
     return msg_ids(transport, "cs.out.>", S.output_stream)
 
@@ -305,7 +309,7 @@ async def check_matches_oracle(
         expected = {entity: s for (k, entity), s in net.states.items() if k == name}
         assert await states(store, name, kind.state_type) == expected, name
     sources = {(c.kind, c.entity, c.id) for c in cmds}
-    internal = msg_ids(transport, "cs.int.>")
+    internal = internal_ids(transport)
     assert len(internal) == len(set(internal))
     assert sorted(internal) == sorted(cid for _, _, cid in net.applied - sources)
     down = downstream_ids(transport)
@@ -318,7 +322,7 @@ async def check_lifecycles_done(
     store: Store, transport: MemoryTransport, cmds: list[Cmd], appointments: int
 ) -> None:
     """Every appointment of :func:`lifecycles` applied exactly once, and its fan-out too."""
-    assert len(msg_ids(transport, "cs.int.>")) == LIFECYCLE.internal * appointments
+    assert len(internal_ids(transport)) == LIFECYCLE.internal * appointments
     assert len(downstream_ids(transport)) == LIFECYCLE.downstream * appointments
     appts = await states(store, "appointment", AppointmentState)
     assert set(appts) == {f"A{a}" for a in range(appointments)}
@@ -468,7 +472,7 @@ async def test_each_accepted_command_fans_out_exactly_once_with_deterministic_ke
     async with running(router):
         await settle(router, transport, store)
 
-    internal = msg_ids(transport, "cs.int.>")
+    internal = internal_ids(transport)
     assert len(internal) == len(set(internal))
     assert sorted(internal) == sorted(expected_ids)
     assert router.publisher.stats.duplicates == 0
@@ -521,7 +525,7 @@ async def test_a_command_id_is_applied_once_within_a_batch_across_batches_and_re
         assert (appt.status, appt.version) == ("booked", 1)
         assert (await states(store, "billing", BillingState))["A1"].ledger.wanted == 1
         assert (await states(store, "item", ItemState))["gauze@MAIN"].reservations == {"A1": 4}
-        assert len(msg_ids(transport, "cs.int.>")) == BOOK.internal
+        assert len(internal_ids(transport)) == BOOK.internal
         assert len(downstream_ids(transport)) == BOOK.downstream
         assert messages(transport, S.dead_letter_stream) == []
 
@@ -681,7 +685,7 @@ async def test_a_business_rejection_is_dead_lettered_and_recorded(
         assert (dead.headers or {})[H_REASON] == reason
         assert await store.outcome("appointment", "A9", "cancel-early") == ("rejected", reason)
         assert await store.entities("appointment") == []  # a rejection changes no state
-        assert msg_ids(transport, "cs.int.>") == []
+        assert internal_ids(transport) == []
 
         # The same command again is a duplicate of the rejected one, not a second rejection.
         publish(transport, [cancel], msg_id=False)
@@ -970,7 +974,7 @@ async def test_transient_publish_failures_are_retried_and_delivered_once(
     assert transport.fail_publish == 0
     assert router.publisher.stats.retries >= 5
     assert (router.publisher.stats.duplicates, router.publisher.stats.failed) == (0, 0)
-    internal = msg_ids(transport, "cs.int.>")
+    internal = internal_ids(transport)
     assert sorted(internal) == sorted(
         key for b in books for key in expected_internal(b.entity, b.id, "book", "MAIN")
     )
