@@ -15,10 +15,14 @@ applied and not yet committed in memory, as it does for the batch reads.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from caresync.store.errors import map_sqlite_error
 from caresync.store.records import EntityRow
+from caresync.store.sqlite import applied_query, entities_query
+
+_CHUNK = 500
 
 
 class PointReader:
@@ -58,6 +62,35 @@ class PointReader:
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "reading a dedupe record") from exc
         return row is not None
+
+    def load_entities(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], EntityRow]:
+        """Snapshots of the given (kind, id) keys that exist (``Store.load_entities``)."""
+        found: dict[tuple[str, str], EntityRow] = {}
+        try:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                params = [part for key in chunk for part in key]
+                for kind, id_, state, parked, seq in self._conn.execute(
+                    entities_query(len(chunk)), params
+                ):
+                    found[(kind, id_)] = EntityRow(kind, id_, state, bool(parked), seq)
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "loading entities") from exc
+        return found
+
+    def applied_among(self, keys: Sequence[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+        """The keys among ``keys`` that have a dedupe record (``Store.applied_among``)."""
+        seen: set[tuple[str, str, str]] = set()
+        try:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
+                params = [part for key in chunk for part in key]
+                seen.update(
+                    (k, e, c) for k, e, c in self._conn.execute(applied_query(len(chunk)), params)
+                )
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc, "reading dedupe records") from exc
+        return seen
 
     def close(self) -> None:
         """Release the connection."""

@@ -18,6 +18,7 @@ from caresync.router.memory_transport import MemoryTransport
 from caresync.router.runtime import Router, RouterSettings
 from caresync.router.worker import WorkerSettings
 from caresync.store import BatchWrite, Store
+from caresync.store.point_reads import PointReader
 
 pytestmark = pytest.mark.anyio
 
@@ -57,8 +58,9 @@ TALLY: EntityKind[TallyState, Counted] = EntityKind(
 
 
 class RacingStore(Store):
-    """Makes the race happen every time: the first copy of ``X`` commits exactly while the
-    second copy's batch is between its dedupe read and its use of the result."""
+    """Makes the race happen every time: the first copy of ``X`` commits right after the
+    second copy's batch has read the dedupe records (the batch reads them at once, on the event
+    loop's thread: a commit's bookkeeping cannot land in the middle of the read)."""
 
     read_began: anyio.Event
     committed: anyio.Event
@@ -72,17 +74,6 @@ class RacingStore(Store):
         self.committed.set()
         return result
 
-    async def applied_among(
-        self, keys: Sequence[tuple[str, str, str]]
-    ) -> set[tuple[str, str, str]]:
-        found = await super().applied_among(keys)
-        if any(command_id == "X" for _, _, command_id in keys):
-            self.reads_of_x += 1
-            if self.reads_of_x == 2:  # the re-sent copy's batch: read done, commit lands now
-                self.read_began.set()
-                await self.committed.wait()
-        return found
-
 
 def count(entity: str, command_id: str) -> tuple[str, bytes]:
     env = make_envelope(id=command_id, kind="tally.count", entity=entity, payload={})
@@ -90,7 +81,7 @@ def count(entity: str, command_id: str) -> tuple[str, bytes]:
 
 
 async def test_a_copy_committed_during_the_next_batchs_dedupe_read_is_a_duplicate(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     transport = MemoryTransport()
     transport.provision(S)
@@ -98,6 +89,19 @@ async def test_a_copy_committed_during_the_next_batchs_dedupe_read_is_a_duplicat
         transport.append(subject, data, None)  # no Msg-Id: only the router's dedupe stands
     store = await RacingStore.open(tmp_path / "router.db")
     store.read_began, store.committed = anyio.Event(), anyio.Event()
+    reads = PointReader.applied_among
+
+    def racing_read(
+        reader: PointReader, keys: Sequence[tuple[str, str, str]]
+    ) -> set[tuple[str, str, str]]:
+        found = reads(reader, keys)
+        if any(command_id == "X" for _, _, command_id in keys):
+            store.reads_of_x += 1
+            if store.reads_of_x == 2:  # the re-sent copy's batch: read done, commit lands now
+                store.read_began.set()
+        return found
+
+    monkeypatch.setattr(PointReader, "applied_among", racing_read)
     settings = RouterSettings(
         worker=WorkerSettings(batch_size=1, batches_in_flight=2, pull_timeout_s=0.02)
     )
