@@ -58,8 +58,18 @@ _FETCH_CHUNKS = 32
 _LOGIC: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("caresync.actors", ()),
     ("caresync.codecs", ()),
-    # What the runtime decides per message: dedupe, supervision and parking, decoding, rows.
-    ("caresync.router", ("actor.py", "decoding.py", "outbox_rows.py", "replay_fold_apply.py")),
+    # What the runtime decides per message: dedupe, supervision and parking, decoding, rows,
+    # which commands are applied with their cause.
+    (
+        "caresync.router",
+        (
+            "actor.py",
+            "decoding.py",
+            "local_fanout.py",
+            "outbox_rows.py",
+            "replay_fold_apply.py",
+        ),
+    ),
 )
 """The code that derives state from the streams: (package, its modules; () for all)."""
 _fingerprint: list[str] = []
