@@ -42,6 +42,8 @@ IN = S.input_stream(0)
 # -- two toy kinds: a "fan" sends "add" commands to "log" entities; a log keeps their order ----
 class Send(msgspec.Struct, kw_only=True, frozen=True):
     to: list[str]
+    key: str = ""
+    """The effects' idempotency key, when not the cause's own (a key another cause may share)."""
 
 
 class Add(msgspec.Struct, kw_only=True, frozen=True):
@@ -72,7 +74,7 @@ def _fan_decide(state: FanState, command: Command[Any]) -> Accepted[Sent]:
         Effect(
             target=ActorRef("log", target),
             name="add",
-            key=f"{command.key}:add:{i}",
+            key=command.payload.key or f"{command.key}:add:{i}",
             payload={"fail": target.startswith("bad")},
         )
         for i, target in enumerate(to)
@@ -105,8 +107,9 @@ LOG: EntityKind[LogState, Added] = EntityKind(
 REGISTRY = Registry.of(FAN, LOG)
 
 
-def send(fan: str, command_id: str, to: list[str]) -> tuple[str, bytes]:
-    env = make_envelope(id=command_id, kind="fan.send", entity=fan, payload={"to": to})
+def send(fan: str, command_id: str, to: list[str], key: str = "") -> tuple[str, bytes]:
+    payload = {"to": to, "key": key}
+    env = make_envelope(id=command_id, kind="fan.send", entity=fan, payload=payload)
     return S.command("fan", fan), encode_envelope(env)
 
 
@@ -185,6 +188,42 @@ async def test_a_command_sent_by_a_cause_comes_before_a_later_input_in_the_same_
         } == live
     finally:
         await rebuilt.close()
+
+
+async def test_a_local_command_the_store_already_has_undoes_the_batch_and_is_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    transport = MemoryTransport()
+    transport.provision(S)
+    store = await Store.open(tmp_path / "live.db")
+    try:
+        # F1 sends "shared" to L1; committed, and gone from the router's memory by the time
+        # F2 sends the same key: only the store knows it, read once the batch is applied.
+        transport.append(*send("F1", "s1", ["L1"], key="shared"), None)
+        await run_router(transport, store, until_offset=1)
+        transport.append(*send("F2", "s2", ["L1"], key="shared"), None)
+        transport.append(*add("L1", "direct"), None)
+        settings = RouterSettings(worker=WorkerSettings(batch_size=100, pull_timeout_s=0.02))
+        router = Router(
+            transport=transport, store=store, registry=REGISTRY, subjects=S, settings=settings
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(router.run)
+            with anyio.fail_after(10):
+                while True:
+                    if await store.offset(IN) >= 3 and not await store.pending_effects():
+                        break
+                    await anyio.sleep(0.01)
+            router.stop()
+        stats = router.workers[0].stats.as_dict()
+        assert (stats["accepted"], stats["duplicates"]) == (2, 1)  # F2 and "direct"
+        # The first pass applied "shared" to L1 again; the undo put L1 back before "direct".
+        assert await log_order(store, "L1") == ("shared", "direct")
+        fan = await store.entity("fan", "F2")
+        assert fan is not None
+        assert msgspec.msgpack.decode(fan.state, type=FanState).sent == 1
+    finally:
+        await store.close()
 
 
 async def test_a_tree_whose_target_parked_sends_its_next_command_through_the_stream(
