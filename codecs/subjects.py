@@ -16,6 +16,7 @@ subjects with a reversible percent-encoding of the characters NATS reserves.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -37,6 +38,11 @@ def fnv1a_32(data: bytes) -> int:
     for byte in data:
         h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
     return h
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _partition(kind: str, entity: str, partitions: int) -> int:
+    return fnv1a_32(f"{kind}{encode_token(entity)}".encode()) % partitions
 
 
 def encode_token(value: str) -> str:
@@ -188,7 +194,7 @@ class Subjects:
         FNV-1a (32 bits) of the kind and id tokens joined without a separator, modulo n."""
         if self.partitions == 1:
             return 0
-        return fnv1a_32(f"{kind}{encode_token(entity)}".encode()) % self.partitions
+        return _partition(kind, entity, self.partitions)
 
     def partition_mappings(self) -> dict[str, str]:
         """Server subject mappings that spread entities over partitions (empty if one)."""

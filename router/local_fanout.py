@@ -30,6 +30,7 @@ what makes a rebuild reproduce the live state:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,16 @@ class LocalFanout:
         self._subjects = subjects
         self._decoder = decoder
         self._partition = partition
+
+    def targets(self, effects: Iterable[Effect]) -> list[tuple[str, str]]:
+        """The entities of this partition that ``effects`` send commands to (those that may be
+        applied now: the worker reads the ones it does not hold in one query)."""
+        partition, of = self._partition, self._subjects.partition_of
+        return [
+            (t.kind, t.entity)
+            for t in (e.target for e in effects)
+            if isinstance(t, ActorRef) and of(t.kind, t.entity) == partition
+        ]
 
     def local(
         self, source_kind: str, command: Command[Any], effect: Effect, tree: Tree

@@ -180,6 +180,8 @@ class _Pass:
     """Local commands offered: their dedupe records are looked for once the pass is done."""
     saved: dict[tuple[str, str], tuple[Any, bool, str] | None] = field(default_factory=dict)
     """Each touched actor as it was before (state, parked, load error); None if not live."""
+    absent: set[tuple[str, str]] = field(default_factory=set)
+    """Entities the store has no snapshot of (read while fanning out)."""
 
 
 @dataclass(slots=True)
@@ -632,7 +634,18 @@ class PartitionWorker:
         p = cause.prepared
         rows: list[OutboxRow] = []
         cause.effect_rows = rows
-        for effect in cause.outcome.effects:
+        effects = cause.outcome.effects
+        # The targets not live nor read yet, in one query: absent ones are new entities.
+        wanted = [
+            key
+            for key in self._fanout.targets(effects)
+            if key not in self._actors and key not in run.loaded and key not in run.absent
+        ]
+        if wanted:
+            found = self._point_reader().load_entities(wanted)
+            run.loaded.update(found)
+            run.absent.update(key for key in wanted if key not in found)
+        for effect in effects:
             row, local = self._fanout.local(p.kind.name, p.command, effect, tree)
             rows.append(row)
             if local is None:
@@ -648,10 +661,6 @@ class PartitionWorker:
             run.seen.add(dedupe_key)
             run.derived.add(dedupe_key)
             key = local.key
-            if key not in self._actors and key not in run.loaded:
-                stored = self._point_reader().entity(*key)
-                if stored is not None:
-                    run.loaded[key] = stored
             delivery = await self._offer(local, run)
             if isinstance(delivery.outcome, Parked):
                 tree.parked.add(key)
