@@ -118,7 +118,9 @@ def add(log: str, command_id: str) -> tuple[str, bytes]:
     return S.command("log", log), encode_envelope(env)
 
 
-async def run_router(transport: MemoryTransport, store: Store, until_offset: int) -> None:
+async def run_router(transport: MemoryTransport, store: Store, until_offset: int) -> Router:
+    """Run a router until the input stream is applied through ``until_offset`` and every effect
+    is published; return it (stopped) for its counters."""
     settings = RouterSettings(
         worker=WorkerSettings(
             batch_size=100,
@@ -137,6 +139,7 @@ async def run_router(transport: MemoryTransport, store: Store, until_offset: int
                     break
                 await anyio.sleep(0.01)
         router.stop()
+    return router
 
 
 async def log_order(store: Store, log: str) -> tuple[str, ...]:
@@ -203,18 +206,7 @@ async def test_a_local_command_the_store_already_has_undoes_the_batch_and_is_a_d
         await run_router(transport, store, until_offset=1)
         transport.append(*send("F2", "s2", ["L1"], key="shared"), None)
         transport.append(*add("L1", "direct"), None)
-        settings = RouterSettings(worker=WorkerSettings(batch_size=100, pull_timeout_s=0.02))
-        router = Router(
-            transport=transport, store=store, registry=REGISTRY, subjects=S, settings=settings
-        )
-        async with anyio.create_task_group() as tg:
-            await tg.start(router.run)
-            with anyio.fail_after(10):
-                while True:
-                    if await store.offset(IN) >= 3 and not await store.pending_effects():
-                        break
-                    await anyio.sleep(0.01)
-            router.stop()
+        router = await run_router(transport, store, until_offset=3)
         stats = router.workers[0].stats.as_dict()
         assert (stats["accepted"], stats["duplicates"]) == (2, 1)  # F2 and "direct"
         # The first pass applied "shared" to L1 again; the undo put L1 back before "direct".
