@@ -93,6 +93,8 @@ class FoldApply:
             self.stats.duplicates += 1
             return None
         self.window_seen.add(dedupe)
+        if tree is not None:
+            self.stats.local += 1
         key = (name, entity)
         target = self.entities.get(key)
         if target is None and tree is not None and self.lookup_entity is not None:

@@ -97,6 +97,9 @@ class WorkerStats:
     rejected: int = 0
     dead_lettered: int = 0
     parked: int = 0
+    local: int = 0
+    """Internal commands applied with their cause (counted in accepted, rejected or parked too;
+    not in received: they were never read)."""
     batches: int = 0
     commit_retries: int = 0
     passivated: int = 0
@@ -698,6 +701,8 @@ class PartitionWorker:
     ) -> None:
         p, outcome, msg = d.prepared, d.outcome, d.prepared.message
         kind, entity, command = p.kind.name, p.command.entity, p.command
+        if msg.local_n:
+            self._pending.local += 1
         if isinstance(outcome, Applied):
             self._pending.accepted += 1
             write.applied.append(AppliedRow(command.id, kind, entity, msg.seq, "accepted", "", now))

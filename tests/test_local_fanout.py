@@ -159,8 +159,10 @@ async def test_a_command_sent_by_a_cause_comes_before_a_later_input_in_the_same_
         transport.append(subject, data, None)
     store = await Store.open(tmp_path / "live.db")
     try:
-        await run_router(transport, store, until_offset=2)
+        router = await run_router(transport, store, until_offset=2)
         assert await log_order(store, "L1") == ("F1/s1:add:0", "direct")
+        stats = router.workers[0].stats.as_dict()
+        assert (stats["received"], stats["accepted"], stats["local"]) == (2, 4, 2)
         assert await log_order(store, "L2") == ("F1/s1:add:1",)
         # Nothing went through the input stream; both are recorded on the local stream, with
         # their place: after the message at seq 1, first and second.
