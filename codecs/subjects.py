@@ -189,6 +189,18 @@ class Subjects:
             return [f"{self.prefix}.in.>", f"{self.prefix}.int.>"]
         return [f"{self.prefix}.part.{partition}.>"]
 
+    def local_filter(self, kind: str = "") -> str:
+        """Subject filter of the local records of one entity kind (of every kind if empty)."""
+        return f"{self.prefix}.loc.{kind or '*'}.*"
+
+    def parse_local(self, subject: str) -> EntityAddress:
+        """Entity kind and id of a local record's subject; raises SubjectError."""
+        head = f"{self.prefix}.loc."
+        kind, _, token = subject[len(head) :].partition(".")
+        if not subject.startswith(head) or not kind or not token or "." in token:
+            raise SubjectError(f"subject {subject!r} is not {self.prefix}.loc.<kind>.<entity>")
+        return EntityAddress(kind=kind, entity=decode_token(token), internal=True)
+
     def partition_of(self, kind: str, entity: str) -> int:
         """The partition of an entity: what the server's ``partition(n,1,2)`` mapping computes,
         FNV-1a (32 bits) of the kind and id tokens joined without a separator, modulo n."""

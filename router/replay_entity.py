@@ -216,16 +216,15 @@ class EntityReplayer:
         s = self._subjects
         bounds = {stream: await self._stores.offset(stream) for stream in s.input_streams()}
         records = await self._local_records(
-            [f"{s.prefix}.loc.{kind}.*"] if kind else [], since_ns=since_ns, headers_only=True
+            [s.local_filter(kind)], since_ns=since_ns, headers_only=True
         )
         for r in records:
             at = applied_at(r)
-            parts = r.subject.split(".")
-            if at is None or len(parts) < 2:
+            if at is None:
                 continue
             seq, _, ns = at
             try:
-                address = s.parse_address(".".join((s.prefix, "int", *parts[-2:])))
+                address = s.parse_local(r.subject)
             except CodecError:
                 continue
             stream = s.input_stream(s.partition_of(address.kind, address.entity))

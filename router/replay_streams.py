@@ -18,7 +18,7 @@ import nats.js.errors
 import structlog
 from nats.js import api
 
-from caresync.codecs import Subjects
+from caresync.codecs import CodecError, Subjects
 from caresync.codecs.errors import DecodeError
 from caresync.codecs.refdata import decode_refdata_set
 from caresync.router.errors import RouterError
@@ -91,9 +91,12 @@ class EntityStreams:
         where = await self.stored_at(subject)
         places = [] if where is None else [where]
         s = self._subjects
-        head = f"{s.prefix}.int."
-        if subject.startswith(head):
-            places.append((s.local_stream, f"{s.prefix}.loc.{subject[len(head) :]}"))
+        try:
+            address = s.parse_address(subject)
+        except CodecError:
+            return places
+        if address.internal:
+            places.append((s.local_stream, s.local_record(address.kind, address.entity)))
         return places
 
     async def stored_at(self, subject: str) -> tuple[str, str] | None:

@@ -1,12 +1,13 @@
-"""Point reads of one store file on the caller's own thread, for the middle of a batch.
+"""Reads of one store file on the caller's own thread, for the pipeline's batches.
 
-The pipeline reads what a batch needs from the store before applying it, in one query per
-table on the store's reader thread.  A command that an actor sends to another entity of the
-same partition is applied in the same batch, right after its cause (see
-:mod:`caresync.router.local_fanout`), so its target's snapshot (and, in a rebuild, its dedupe
-record) can only be read once the cause is applied: one indexed lookup each, a few
-microseconds, which costs less done at once on the event loop's thread than handed to another
-thread and awaited.
+A batch reads its dedupe records and entity snapshots in one query each; the commands an actor
+sends to entities of the same partition are applied in the same batch, right after their cause
+(see :mod:`caresync.router.local_fanout`), so their targets can only be read once the cause is
+applied, and their dedupe records once the batch is.  These are indexed lookups of a few
+microseconds per key: done at once on the event loop's thread they cost less than a hand-off to
+the store's reader thread and back, and add nothing to a batch's latency.  A rebuild's fold
+looks up the targets of local commands one by one (:meth:`PointReader.entity`,
+:meth:`PointReader.applied`) while entities may be only in the store.
 
 The connection is read-only and sees what is committed (WAL); the caller keeps what it has
 applied and not yet committed in memory, as it does for the batch reads.
@@ -20,9 +21,7 @@ from pathlib import Path
 
 from caresync.store.errors import map_sqlite_error
 from caresync.store.records import EntityRow
-from caresync.store.sqlite import applied_query, entities_query
-
-_CHUNK = 500
+from caresync.store.sqlite import applied_query, chunks, entities_query
 
 
 class PointReader:
@@ -67,8 +66,7 @@ class PointReader:
         """Snapshots of the given (kind, id) keys that exist (``Store.load_entities``)."""
         found: dict[tuple[str, str], EntityRow] = {}
         try:
-            for i in range(0, len(keys), _CHUNK):
-                chunk = keys[i : i + _CHUNK]
+            for chunk in chunks(keys):
                 params = [part for key in chunk for part in key]
                 for kind, id_, state, parked, seq in self._conn.execute(
                     entities_query(len(chunk)), params
@@ -82,8 +80,7 @@ class PointReader:
         """The keys among ``keys`` that have a dedupe record (``Store.applied_among``)."""
         seen: set[tuple[str, str, str]] = set()
         try:
-            for i in range(0, len(keys), _CHUNK):
-                chunk = keys[i : i + _CHUNK]
+            for chunk in chunks(keys):
                 params = [part for key in chunk for part in key]
                 seen.update(
                     (k, e, c) for k, e, c in self._conn.execute(applied_query(len(chunk)), params)

@@ -25,7 +25,8 @@ from caresync.store.schema import DDL, DERIVED_TABLES, MIGRATIONS, PRAGMAS, SCHE
 _CHUNK = 500
 
 
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    """``items`` in slices small enough for one statement's host parameters."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -253,7 +254,7 @@ class Store:
         found: dict[tuple[str, str], EntityRow] = {}
         try:
             conn = await self._read_conn()
-            for chunk in _chunks(keys):
+            for chunk in chunks(keys):
                 params = [part for key in chunk for part in key]
                 async with conn.execute(entities_query(len(chunk)), params) as cur:
                     for kind, id_, state, parked, seq in await cur.fetchall():
@@ -269,7 +270,7 @@ class Store:
         seen: set[tuple[str, str, str]] = set()
         try:
             conn = await self._read_conn()
-            for chunk in _chunks(keys):
+            for chunk in chunks(keys):
                 params = [part for key in chunk for part in key]
                 async with conn.execute(applied_query(len(chunk)), params) as cur:
                     seen.update((k, e, c) for k, e, c in await cur.fetchall())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,19 @@ async def run_router(transport: MemoryTransport, store: Store, until_offset: int
     return router
 
 
+@pytest.fixture
+def transport() -> MemoryTransport:
+    t = MemoryTransport()
+    t.provision(S)
+    return t
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(tmp_path / "live.db") as s:
+        yield s
+
+
 async def log_order(store: Store, log: str) -> tuple[str, ...]:
     row = await store.entity("log", log)
     assert row is not None
@@ -149,37 +163,27 @@ async def log_order(store: Store, log: str) -> tuple[str, ...]:
 
 
 async def test_a_command_sent_by_a_cause_comes_before_a_later_input_in_the_same_batch(
-    tmp_path: Path,
+    transport: MemoryTransport, store: Store, tmp_path: Path
 ) -> None:
-    transport = MemoryTransport()
-    transport.provision(S)
     # One batch: F1 sends to L1; then a source command for L1 itself.  In stream order the
     # command F1 sends is decided right after F1, so before the later input.
     for subject, data in [send("F1", "s1", ["L1", "L2"]), add("L1", "direct")]:
         transport.append(subject, data, None)
-    store = await Store.open(tmp_path / "live.db")
-    try:
-        router = await run_router(transport, store, until_offset=2)
-        assert await log_order(store, "L1") == ("F1/s1:add:0", "direct")
-        stats = router.workers[0].stats.as_dict()
-        assert (stats["received"], stats["accepted"], stats["local"]) == (2, 4, 2)
-        assert await log_order(store, "L2") == ("F1/s1:add:1",)
-        # Nothing went through the input stream; both are recorded on the local stream, with
-        # their place: after the message at seq 1, first and second.
-        assert [m.subject for m in transport.streams[IN].messages] == [
-            "cs.in.fan.F1",
-            "cs.in.log.L1",
-        ]
-        records = transport.streams[S.local_stream].messages
-        assert [m.subject for m in records] == ["cs.loc.log.L1", "cs.loc.log.L2"]
-        assert [applied_at(m)[:2] for m in records if applied_at(m)] == [(1, 1), (1, 2)]
-        live = {(e.kind, e.id): msgspec.msgpack.decode(e.state) for e in await store.entities()}
-    finally:
-        await store.close()
+    router = await run_router(transport, store, until_offset=2)
+    assert await log_order(store, "L1") == ("F1/s1:add:0", "direct")
+    stats = router.workers[0].stats.as_dict()
+    assert (stats["received"], stats["accepted"], stats["local"]) == (2, 4, 2)
+    assert await log_order(store, "L2") == ("F1/s1:add:1",)
+    # Nothing went through the input stream; both are recorded on the local stream, with
+    # their place: after the message at seq 1, first and second.
+    assert [m.subject for m in transport.streams[IN].messages] == ["cs.in.fan.F1", "cs.in.log.L1"]
+    records = transport.streams[S.local_stream].messages
+    assert [m.subject for m in records] == ["cs.loc.log.L1", "cs.loc.log.L2"]
+    assert [applied_at(m)[:2] for m in records if applied_at(m)] == [(1, 1), (1, 2)]
+    live = {(e.kind, e.id): msgspec.msgpack.decode(e.state) for e in await store.entities()}
 
     # A rebuild derives the local commands from their causes: the same state, nothing to send.
-    rebuilt = await Store.open(tmp_path / "rebuilt.db")
-    try:
+    async with await Store.open(tmp_path / "rebuilt.db") as rebuilt:
         report = await rebuild(
             transport=transport,
             store=rebuilt,
@@ -191,77 +195,57 @@ async def test_a_command_sent_by_a_cause_comes_before_a_later_input_in_the_same_
         assert {
             (e.kind, e.id): msgspec.msgpack.decode(e.state) for e in await rebuilt.entities()
         } == live
-    finally:
-        await rebuilt.close()
 
 
 async def test_a_local_command_the_store_already_has_undoes_the_batch_and_is_a_duplicate(
-    tmp_path: Path,
+    transport: MemoryTransport, store: Store
 ) -> None:
-    transport = MemoryTransport()
-    transport.provision(S)
-    store = await Store.open(tmp_path / "live.db")
-    try:
-        # F1 sends "shared" to L1; committed, and gone from the router's memory by the time
-        # F2 sends the same key: only the store knows it, read once the batch is applied.
-        transport.append(*send("F1", "s1", ["L1"], key="shared"), None)
-        await run_router(transport, store, until_offset=1)
-        transport.append(*send("F2", "s2", ["L1"], key="shared"), None)
-        transport.append(*add("L1", "direct"), None)
-        router = await run_router(transport, store, until_offset=3)
-        stats = router.workers[0].stats.as_dict()
-        assert (stats["accepted"], stats["duplicates"]) == (2, 1)  # F2 and "direct"
-        # The first pass applied "shared" to L1 again; the undo put L1 back before "direct".
-        assert await log_order(store, "L1") == ("shared", "direct")
-        fan = await store.entity("fan", "F2")
-        assert fan is not None
-        assert msgspec.msgpack.decode(fan.state, type=FanState).sent == 1
-    finally:
-        await store.close()
+    # F1 sends "shared" to L1; committed, and gone from the router's memory by the time F2
+    # sends the same key: only the store knows it, read once the batch is applied.
+    transport.append(*send("F1", "s1", ["L1"], key="shared"), None)
+    await run_router(transport, store, until_offset=1)
+    transport.append(*send("F2", "s2", ["L1"], key="shared"), None)
+    transport.append(*add("L1", "direct"), None)
+    router = await run_router(transport, store, until_offset=3)
+    stats = router.workers[0].stats.as_dict()
+    assert (stats["accepted"], stats["duplicates"]) == (2, 1)  # F2 and "direct"
+    # The first pass applied "shared" to L1 again; the undo put L1 back before "direct".
+    assert await log_order(store, "L1") == ("shared", "direct")
+    fan = await store.entity("fan", "F2")
+    assert fan is not None
+    assert msgspec.msgpack.decode(fan.state, type=FanState).sent == 1
 
 
 async def test_a_tree_whose_target_parked_sends_its_next_command_through_the_stream(
-    tmp_path: Path,
+    transport: MemoryTransport, store: Store
 ) -> None:
-    transport = MemoryTransport()
-    transport.provision(S)
     # "bad1" fails on every command: the first one parks it (failing), the second one in the
     # same tree would park behind it at the same stream position: it goes through the stream.
     transport.append(*send("F1", "s1", ["bad1", "bad1", "L1"]), None)
-    store = await Store.open(tmp_path / "live.db")
-    try:
-        await run_router(transport, store, until_offset=2)
-        parked = await store.parked("log", "bad1")
-        assert [(p.seq, p.command_id, p.reason.startswith("RuntimeError")) for p in parked] == [
-            (1, "F1/s1:add:0", True),
-            (2, "F1/s1:add:1", False),
-        ]
-        assert [m.subject for m in transport.streams[IN].messages] == [
-            "cs.in.fan.F1",
-            "cs.int.log.bad1",
-        ]
-        assert [m.subject for m in transport.streams[S.local_stream].messages] == [
-            "cs.loc.log.bad1",
-            "cs.loc.log.L1",
-        ]
-        assert await log_order(store, "L1") == ("F1/s1:add:2",)
-    finally:
-        await store.close()
+    await run_router(transport, store, until_offset=2)
+    parked = await store.parked("log", "bad1")
+    assert [(p.seq, p.command_id, p.reason.startswith("RuntimeError")) for p in parked] == [
+        (1, "F1/s1:add:0", True),
+        (2, "F1/s1:add:1", False),
+    ]
+    assert [m.subject for m in transport.streams[IN].messages] == [
+        "cs.in.fan.F1",
+        "cs.int.log.bad1",
+    ]
+    assert [m.subject for m in transport.streams[S.local_stream].messages] == [
+        "cs.loc.log.bad1",
+        "cs.loc.log.L1",
+    ]
+    assert await log_order(store, "L1") == ("F1/s1:add:2",)
 
 
 async def test_a_source_message_with_the_record_header_is_applied_like_any_other(
-    tmp_path: Path,
+    transport: MemoryTransport, store: Store
 ) -> None:
-    transport = MemoryTransport()
-    transport.provision(S)
     subject, data = add("L1", "forged")
     transport.append(subject, data, {H_APPLIED_AT: "0.1.0"})
-    store = await Store.open(tmp_path / "live.db")
-    try:
-        await run_router(transport, store, until_offset=1)
-        assert await log_order(store, "L1") == ("forged",)
-    finally:
-        await store.close()
+    await run_router(transport, store, until_offset=1)
+    assert await log_order(store, "L1") == ("forged",)
 
 
 async def test_the_partition_of_an_entity_is_the_one_the_server_maps_it_to(

@@ -258,9 +258,10 @@ async def test_a_window_replays_every_entity_it_touched_and_all_agree_with_the_l
             nc.jetstream(), deployment.subjects.local_stream, f"{prefix}.loc.>"
         )
     assert records
-    subjects = [m.subject or "" for m in inputs]
-    subjects += [(m.subject or "").replace(f"{prefix}.loc.", f"{prefix}.int.", 1) for m in records]
-    touched = {(a.kind, a.entity) for a in map(deployment.subjects.parse_address, subjects)}
+    s = deployment.subjects
+    addresses = [s.parse_address(m.subject or "") for m in inputs]
+    addresses += [s.parse_local(m.subject or "") for m in records]
+    touched = {(a.kind, a.entity) for a in addresses}
     assert {(e["kind"], e["id"]) for e in doc["entities"]} == touched
     assert {k for k, _ in touched} >= {"appointment", "billing", "supply", "erp", "procedure"}
     # Every kind, replayed from its log with the data in force, is what the live router made.
