@@ -29,7 +29,7 @@ from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import RebuildReport, rebuild
 from caresync.router.service import make_transport, open_store, store_path, subjects_for
 from caresync.router.snapshots import Restored, Snapshots, provision_bucket
-from caresync.router.worker import WorkerSettings
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import partition_path
 
 

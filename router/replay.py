@@ -21,7 +21,8 @@ from caresync.router.publisher import Publisher
 from caresync.router.replay_fold import PartitionFold, outbox_keys
 from caresync.router.snapshots import Restored, Snapshots, restore_all
 from caresync.router.transport import Transport
-from caresync.router.worker import PartitionWorker, WorkerSettings
+from caresync.router.worker import PartitionWorker
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import PartitionedStore, Store
 
 log = structlog.get_logger("caresync.replay")

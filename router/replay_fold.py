@@ -38,7 +38,8 @@ from caresync.router.local_fanout import LocalFanout
 from caresync.router.outbox_rows import undecodable_row
 from caresync.router.replay_fold_apply import DedupeKey, EntityKey, FoldApply, FoldEntity
 from caresync.router.transport import Inbound, InputConsumer, Transport
-from caresync.router.worker import WorkerSettings, WorkerStats
+from caresync.router.worker_settings import WorkerSettings
+from caresync.router.worker_stats import WorkerStats
 from caresync.store import BatchWrite, EntityRow, OutboxRow, Store, StoreUnavailable
 from caresync.store.errors import map_sqlite_error
 from caresync.store.point_reads import PointReader

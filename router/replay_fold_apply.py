@@ -22,7 +22,7 @@ from caresync.router.actor import Applied, Outcome, Parked, Refused, Supervision
 from caresync.router.decoding import Prepared
 from caresync.router.local_fanout import LocalFanout, Tree
 from caresync.router.outbox_rows import dead_letter_row, effect_row, parked_row
-from caresync.router.worker import WorkerStats
+from caresync.router.worker_stats import WorkerStats
 from caresync.store import AppliedRow, BatchWrite, OutboxRow
 
 log = structlog.get_logger("caresync.actor")

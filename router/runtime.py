@@ -20,7 +20,8 @@ from caresync.codecs import Subjects
 from caresync.config import Config
 from caresync.router.publisher import Publisher, PublisherStats
 from caresync.router.transport import Transport
-from caresync.router.worker import PartitionWorker, WorkerSettings
+from caresync.router.worker import PartitionWorker
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import PartitionedStore, Store, StoreError, StoreUnavailable
 
 log = structlog.get_logger("caresync.router")

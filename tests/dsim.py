@@ -5,7 +5,7 @@ stock counts, ERP feedback) goes through a model of the router, with a seeded sc
 picks what happens next, and invariants are checked as it goes.  Nothing here reads a clock or
 iterates a set, so the same seed gives the same run in any process.
 
-The model is the one ``router/worker.py`` implements, not a freer one:
+The model is the one ``router/worker.py`` and ``router/batch_apply.py`` implement, not a freer one:
 
 * Every entity has an input log (its mailbox): messages are applied strictly in log order,
   one entity at a time, and the scheduler interleaves entities at random.

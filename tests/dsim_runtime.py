@@ -1,4 +1,4 @@
-"""The runtime model of the simulation: what ``router/worker.py`` does, step by step.
+"""The runtime model of the simulation: what ``router/worker.py`` (and ``batch_apply.py``) do.
 
 :class:`Sim` holds every entity's input log (its mailbox), the open batch of applied and not yet
 committed commands, the durable store (states, dedupe records, history), the per-(sender,

@@ -16,7 +16,7 @@ from caresync.actors import Accepted, Command, EntityKind, Registry
 from caresync.codecs import Subjects, encode_envelope, make_envelope
 from caresync.router.memory_transport import MemoryTransport
 from caresync.router.runtime import Router, RouterSettings
-from caresync.router.worker import WorkerSettings
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import BatchWrite, Store
 from caresync.store.point_reads import PointReader
 

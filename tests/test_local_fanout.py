@@ -31,7 +31,7 @@ from caresync.router.local_fanout import H_APPLIED_AT, applied_at
 from caresync.router.memory_transport import MemoryTransport
 from caresync.router.replay import rebuild
 from caresync.router.runtime import Router, RouterSettings
-from caresync.router.worker import WorkerSettings
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import Store
 
 pytestmark = pytest.mark.anyio

@@ -39,7 +39,7 @@ from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild, sent_effect_keys
 from caresync.router.replay_fold import PartitionFold
 from caresync.router.service import RouterService, make_transport, open_store, subjects_for
-from caresync.router.worker import WorkerSettings
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import PartitionedStore, Store
 
 pytestmark = pytest.mark.anyio

@@ -32,7 +32,7 @@ from caresync.config import Config
 from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild
 from caresync.router.service import RouterService, make_transport, open_store, subjects_for
-from caresync.router.worker import WorkerSettings
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import PartitionedStore
 
 pytestmark = pytest.mark.anyio

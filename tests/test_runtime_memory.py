@@ -40,7 +40,7 @@ from caresync.router.refdata import RefDataCatalog
 from caresync.router.replay import rebuild
 from caresync.router.runtime import Router, RouterSettings
 from caresync.router.transport import Inbound
-from caresync.router.worker import WorkerSettings
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import BatchWrite, EntityRow, Store
 
 pytestmark = pytest.mark.anyio

@@ -42,7 +42,7 @@ from caresync.router.snapshots import (
     provision_bucket,
     restore_all,
 )
-from caresync.router.worker import WorkerSettings
+from caresync.router.worker_settings import WorkerSettings
 from caresync.store import BatchWrite, OutboxRow, PartitionedStore, Store
 from caresync.store.state_file import read_state_info, restore_state_file, write_state_file
 
