@@ -39,7 +39,13 @@ class RouterSettings:
     dedupe_retention_s: float = 7 * 86400.0
     outbox_retention_s: float = 86400.0
     prune_every_s: float = 60.0
-    checkpoint_every_s: float = 0.5
+    checkpoint_every_s: float = 0.1
+    """How often the side connection checkpoints the write-ahead log.  A checkpoint syncs the
+    log while the pipeline appends to it, and holds up the commit in flight for longer the more
+    it has to copy: commits over 10 ms stalled the pipeline for 138-174 ms in all of a ``bench
+    latency`` run at 0.1 s, 233-252 ms at 0.5 s and 655-666 ms at 5 s.  Latency p99 at 50% of
+    peak, 3 interleaved runs: 23.8 / 31.0 / 24.7 ms at 0.1 s against 31.2 / 33.3 / 27.1 at
+    0.5 s.  Throughput unchanged (fanout, 2 processes: 5,824 / 5,695 against 5,743 / 5,788)."""
     shutdown_timeout_s: float = 8.0
 
     @classmethod
