@@ -156,6 +156,15 @@ class StoreConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     busy_timeout_ms: Annotated[
         int, Meta(gt=0, description="SQLite busy timeout when the database is locked")
     ] = 5000
+    cache_mb: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=65_536,
+            description="SQLite page cache of the connection that commits, per store file "
+            "(MiB; filled as pages are used)",
+        ),
+    ] = 32
 
 
 class SnapshotsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -63,6 +63,7 @@ async def open_store(
         partitions=partitions,
         synchronous=cfg.store.synchronous,
         busy_timeout_ms=cfg.store.busy_timeout_ms,
+        cache_mb=cfg.store.cache_mb,
         adopt=adopt,
     )
 

@@ -21,7 +21,7 @@ from typing import Literal, TypeVar
 from caresync.store.errors import StoreError
 from caresync.store.ingest import IngestLog
 from caresync.store.records import EntityRow, ParkedRow
-from caresync.store.sqlite import Store
+from caresync.store.sqlite import DEFAULT_CACHE_MB, Store
 
 T = TypeVar("T")
 
@@ -75,6 +75,7 @@ class PartitionedStore:
         partitions: Iterable[int] | None = None,
         synchronous: Literal["normal", "full"] = "normal",
         busy_timeout_ms: int = 5000,
+        cache_mb: int = DEFAULT_CACHE_MB,
         adopt: bool = False,
     ) -> PartitionedStore:
         """Open the main file and the files of ``partitions`` (default all).
@@ -83,7 +84,9 @@ class PartitionedStore:
         partitions of a deployment from before one file per partition, unless ``adopt`` (a
         rebuild, which resets every partition's state and then owns the layout).
         """
-        main = await Store.open(path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+        main = await Store.open(
+            path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, cache_mb=cache_mb
+        )
         out = cls(main, {}, streams)
         out._owned.append(main)
         try:
@@ -96,6 +99,7 @@ class PartitionedStore:
                     partition_path(path, p),
                     synchronous=synchronous,
                     busy_timeout_ms=busy_timeout_ms,
+                    cache_mb=cache_mb,
                 )
                 out._owned.append(store)
                 out._partitions[p] = store

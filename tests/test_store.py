@@ -28,7 +28,7 @@ from caresync.store import (
 )
 from caresync.store.batch_write import ROWS_PER_STATEMENT
 from caresync.store.schema import SCHEMA_VERSION
-from caresync.store.sqlite import applied_query, entities_query
+from caresync.store.sqlite import DEFAULT_CACHE_MB, applied_query, entities_query
 
 pytestmark = pytest.mark.anyio
 
@@ -106,6 +106,15 @@ async def test_open_creates_a_wal_database_with_its_schema_version(store: Store)
         "outbox_sent": 0,
         "outbox_failed": 0,
     }
+
+
+async def test_the_committing_connection_has_the_page_cache_asked_for(tmp_path: Path) -> None:
+    async with await Store.open(tmp_path / "default.db") as default:
+        async with default.connection.execute("PRAGMA cache_size") as cur:
+            assert await cur.fetchone() == (-DEFAULT_CACHE_MB * 1024,)
+    async with await Store.open(tmp_path / "small.db", cache_mb=5) as small:
+        async with small.connection.execute("PRAGMA cache_size") as cur:
+            assert await cur.fetchone() == (-5 * 1024,)
 
 
 async def test_reopening_the_same_file_sees_committed_data(tmp_path: Path) -> None:
