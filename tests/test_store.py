@@ -108,13 +108,16 @@ async def test_open_creates_a_wal_database_with_its_schema_version(store: Store)
     }
 
 
+async def _cache_size(store: Store) -> Any:
+    async with store.connection.execute("PRAGMA cache_size") as cur:
+        return await cur.fetchone()
+
+
 async def test_the_committing_connection_has_the_page_cache_asked_for(tmp_path: Path) -> None:
     async with await Store.open(tmp_path / "default.db") as default:
-        async with default.connection.execute("PRAGMA cache_size") as cur:
-            assert await cur.fetchone() == (-DEFAULT_CACHE_MB * 1024,)
+        assert await _cache_size(default) == (-DEFAULT_CACHE_MB * 1024,)
     async with await Store.open(tmp_path / "small.db", cache_mb=5) as small:
-        async with small.connection.execute("PRAGMA cache_size") as cur:
-            assert await cur.fetchone() == (-5 * 1024,)
+        assert await _cache_size(small) == (-5 * 1024,)
 
 
 async def test_reopening_the_same_file_sees_committed_data(tmp_path: Path) -> None:
