@@ -93,8 +93,14 @@ class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         int, Meta(gt=0, description="How long a pull request waits for messages")
     ] = 1000
     batches_in_flight: Annotated[
-        int, Meta(ge=1, le=8, description="Pull batches processed concurrently per partition")
-    ] = 2
+        int,
+        Meta(
+            ge=1,
+            le=8,
+            description="Batches pulled before the apply stage takes them, per partition (1: the "
+            "next one forms while one applies; more only makes messages wait longer)",
+        ),
+    ] = 1
     processes: Annotated[
         int,
         Meta(
