@@ -97,8 +97,9 @@ class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
         Meta(
             ge=1,
             le=8,
-            description="Batches pulled before the apply stage takes them, per partition (1: the "
-            "next one forms while one applies; more only makes messages wait longer)",
+            description="Batches in the pull stage's hands, per partition (1: each batch is "
+            "pulled when the apply stage asks for it; more are pulled ahead, and messages wait "
+            "longer)",
         ),
     ] = 1
     processes: Annotated[

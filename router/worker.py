@@ -1,13 +1,16 @@
 """One partition's pipeline: pull → apply (actors) → commit → publish effects → ack.
 
 Stages overlap across batches: while batch *k* is published and acked, batch *k+1* is applied
-and committed.  Per batch, everything goes into one SQLite transaction together with the
+and committed.  The apply stage asks for each batch when it is ready for it, so that a batch
+takes every message that arrived until then (``router.batches_in_flight`` lets the pull stage
+work ahead).  Per batch, everything goes into one SQLite transaction together with the
 stream offset, so after a crash the consumer restarts exactly after the last committed
 message and per-entity order holds (messages at or below the offset are skipped).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Set
@@ -128,15 +131,19 @@ class PartitionWorker:
         log.info("partition_started", stream=self.stream, from_seq=self._last_seq + 1)
         task_status.started()
         try:
-            send, receive = anyio.create_memory_object_stream[list[Inbound] | Release](
-                max(0, self._settings.batches_in_flight - 1)
-            )
+            ahead = max(0, self._settings.batches_in_flight - 1)
+            send, receive = anyio.create_memory_object_stream[list[Inbound] | Release](ahead)
             self._inject = send.clone()
+            # The apply stage asks for each batch when it is ready for it, so that a batch
+            # holds every message that arrived until then; ``ahead`` more may be pulled early.
+            ask, asked = anyio.create_memory_object_stream[None](ahead + 1)
+            for _ in range(ahead):
+                ask.send_nowait(None)
             commit_send, commit_receive = anyio.create_memory_object_stream[_ToCommit](1)
             pub_send, pub_receive = anyio.create_memory_object_stream[_ToPublish](1)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pull_loop, consumer, send)
-                tg.start_soon(self._apply_loop, receive, commit_send)
+                tg.start_soon(self._pull_loop, consumer, send, asked)
+                tg.start_soon(self._apply_loop, receive, commit_send, ask)
                 tg.start_soon(self._commit_loop, commit_receive, pub_send)
                 tg.start_soon(self._publish_loop, consumer, pub_receive)
             # Marks of the last publishes: commit them so a restart does not resend.
@@ -149,10 +156,14 @@ class PartitionWorker:
         log.info("partition_stopped", stream=self.stream, last_seq=self._last_seq)
 
     async def _pull_loop(
-        self, consumer: InputConsumer, send: ObjectSendStream[list[Inbound] | Release]
+        self,
+        consumer: InputConsumer,
+        send: ObjectSendStream[list[Inbound] | Release],
+        asked: ObjectReceiveStream[None],
     ) -> None:
         try:
-            await self._pull(consumer, send)
+            async with asked:
+                await self._pull(consumer, send, asked)
         finally:
             # Releases come in through a clone of the same stream: closing it too lets the
             # apply loop see the end once what is queued has run.
@@ -161,13 +172,17 @@ class PartitionWorker:
                 self._inject = None
 
     async def _pull(
-        self, consumer: InputConsumer, send: ObjectSendStream[list[Inbound] | Release]
+        self,
+        consumer: InputConsumer,
+        send: ObjectSendStream[list[Inbound] | Release],
+        asked: ObjectReceiveStream[None],
     ) -> None:
         async with send:
             while not self._stop.is_set():
                 batch: list[Inbound] = []
                 with anyio.CancelScope() as scope:
                     self._pull_scope = scope
+                    await asked.receive()
                     batch = await consumer.next_batch(
                         self._settings.batch_size, self._settings.pull_timeout_s
                     )
@@ -185,14 +200,22 @@ class PartitionWorker:
         self,
         receive: ObjectReceiveStream[list[Inbound] | Release],
         commit_send: ObjectSendStream[_ToCommit],
+        ask: MemoryObjectSendStream[None],
     ) -> None:
         """Apply batch after batch; each is committed by the commit stage while the next one
         is applied (its dedupe records are kept in memory until then, see
         :class:`~caresync.router.batch_apply.UncommittedKeys`, and no actor is passivated
         before its state is committed)."""
-        async with receive, commit_send, anyio.create_task_group() as actors_tg:
+        async with receive, commit_send, ask, anyio.create_task_group() as actors_tg:
             self._applier.task_group = actors_tg
-            async for batch in receive:
+            while True:
+                # Ask for the next batch now (unless asked already: a release came first).
+                with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+                    ask.send_nowait(None)
+                try:
+                    batch = await receive.receive()
+                except anyio.EndOfStream:
+                    break
                 if isinstance(batch, Release):
                     await self._drain_commits()
                     await self._run_release(batch, commit_send)

@@ -15,10 +15,11 @@ class WorkerSettings:
     batch_size: int = 500
     pull_timeout_s: float = 1.0
     batches_in_flight: int = 1
-    """Batches pulled before the apply stage takes them.  One more queued batch made every
-    message wait for one more apply: bench latency p99 at 50 % of peak 32.9 / 32.3 / 29.2 ms
-    with 2 against 23.5 / 24.9 / 22.4 with 1 (interleaved), and fanout with 2 processes
-    5,882 / 5,870 against 6,074 / 6,116 commands/s."""
+    """Batches in the pull stage's hands: 1 pulls each batch when the apply stage asks for it,
+    so that it holds every message that arrived until then; each one more is pulled ahead and
+    makes a message wait for one more apply.  bench latency p99 at 50 % of peak, 3
+    interleaved runs each: a batch queued ahead and another forming 32.9 / 32.3 / 29.2 ms, one
+    forming during the apply 23.5 / 24.9 / 22.4, pulled when asked 16.4 / 16.6 / 14.5."""
     max_live_actors: int = 10_000
     idle_passivate_s: float = 60.0
     supervision: Supervision = field(default_factory=Supervision)
