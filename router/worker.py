@@ -136,6 +136,7 @@ class PartitionWorker:
             self._inject = send.clone()
             # The apply stage asks for each batch when it is ready for it, so that a batch
             # holds every message that arrived until then; ``ahead`` more may be pulled early.
+            # (At most ahead + 1 requests are ever unanswered.)
             ask, asked = anyio.create_memory_object_stream[None](ahead + 1)
             for _ in range(ahead):
                 ask.send_nowait(None)
@@ -208,10 +209,14 @@ class PartitionWorker:
         before its state is committed)."""
         async with receive, commit_send, ask, anyio.create_task_group() as actors_tg:
             self._applier.task_group = actors_tg
+            waiting = False
             while True:
-                # Ask for the next batch now (unless asked already: a release came first).
-                with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
-                    ask.send_nowait(None)
+                # Ask for the next batch now, once: a release that comes first does not
+                # answer the request (asking again would let the pull stage work ahead).
+                if not waiting:
+                    with contextlib.suppress(anyio.BrokenResourceError):  # pulling has ended
+                        ask.send_nowait(None)
+                    waiting = True
                 try:
                     batch = await receive.receive()
                 except anyio.EndOfStream:
@@ -220,6 +225,7 @@ class PartitionWorker:
                     await self._drain_commits()
                     await self._run_release(batch, commit_send)
                     continue
+                waiting = False
                 if batch:
                     t0 = time.perf_counter()
                     self._batch_no += 1
