@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 import anyio
 import nats
@@ -27,11 +26,11 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
 from caresync.router.pubacks import PubAcks
-from caresync.router.transport import Inbound, Outbound, PublishResult, PublishStatus
+from caresync.router.transport import Inbound, Publishable, PublishResult, PublishStatus
 
 log = structlog.get_logger("caresync.jetstream")
 
-_MSG_ID = "Nats-Msg-Id"
+_NO_RESPONDERS = "503"
 _API_RETRY_INITIAL_S = 0.1
 _API_RETRY_MAX_S = 2.0
 _API_TRANSIENT = (
@@ -317,44 +316,50 @@ class JetStreamTransport:
             await anyio.sleep(delay_s)
             delay_s = min(delay_s * 2, _API_RETRY_MAX_S)
 
-    async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
+    @property
+    def in_flight(self) -> int:
+        """Publishes whose PubAck has not come (nor been given up on) yet."""
+        return self._pubacks.in_flight
+
+    async def publish(
+        self, messages: Sequence[Publishable], timeout_s: float
+    ) -> list[PublishResult]:
         """Publish every message, then wait for the PubAcks up to ``timeout_s``.
 
         After a disconnect a PubAck never comes, hence the deadline; what did not resolve in
         time is RETRY and is sent again with the same Msg-Id.
         """
-        futures: list[asyncio.Future[api.PubAck] | None] = []
-        tokens: list[str] = []
-        errors: dict[int, PublishResult] = {}
-        for i, m in enumerate(messages):
-            # nats-py mutates the headers dict it is given: always hand it a fresh one.
-            headers: dict[str, Any] = {**(m.headers or {}), _MSG_ID: m.key}
-            try:
-                token, future = await self._pubacks.publish(m.subject, m.payload, headers)
-            except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-                futures.append(None)
-                tokens.append("")
-                errors[i] = PublishResult(m.key, PublishStatus.RETRY, _describe(exc))
-            else:
-                futures.append(future)
-                tokens.append(token)
-        pending = [f for f in futures if f is not None]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout_s)
-        results: list[PublishResult] = []
-        for i, (m, fut) in enumerate(zip(messages, futures, strict=True)):
-            if fut is None:
-                results.append(errors[i])
-            elif not fut.done():
-                self._pubacks.forget(tokens[i])
-                results.append(PublishResult(m.key, PublishStatus.RETRY, "no PubAck in time"))
-            elif (failure := fut.exception()) is not None:
-                results.append(PublishResult(m.key, _classify(failure), _describe(failure)))
-            else:
-                ack = fut.result()
-                status = PublishStatus.DUPLICATE if ack.duplicate else PublishStatus.STORED
-                results.append(PublishResult(m.key, status, stream=ack.stream, seq=ack.seq))
-        return results
+        batch = await self._pubacks.publish(messages)
+        if batch.remaining:
+            with anyio.move_on_after(timeout_s):
+                await batch.done.wait()
+            if batch.remaining:
+                self._pubacks.forget(batch)
+        return [_result(m.key, reply) for m, reply in zip(messages, batch.replies, strict=True)]
+
+
+def _result(key: str, reply: Msg | BaseException | None) -> PublishResult:
+    """What a PubAck (or the failure to send, or no reply) says of one publish."""
+    if reply is None:
+        return PublishResult(key, PublishStatus.RETRY, "no PubAck in time")
+    if isinstance(reply, BaseException):
+        return PublishResult(key, PublishStatus.RETRY, _describe(reply))
+    if reply.headers and reply.headers.get(api.Header.STATUS) == _NO_RESPONDERS:
+        # 503 "no responders": no stream answered, transient during a leader election.
+        return PublishResult(key, PublishStatus.RETRY, "no response from stream")
+    try:
+        ack = orjson.loads(reply.data)
+    except orjson.JSONDecodeError as exc:
+        return PublishResult(key, PublishStatus.RETRY, f"unreadable PubAck: {exc}")
+    error = ack.get("error") if isinstance(ack, dict) else {"description": "not an object"}
+    if error is not None:
+        try:  # it raises the error's class (ServiceUnavailableError for a 503, ...)
+            nats.js.errors.APIError.from_error(error)
+        except nats.js.errors.APIError as exc:
+            return PublishResult(key, _classify(exc), _describe(exc))
+        return PublishResult(key, PublishStatus.FAILED, str(error))
+    status = PublishStatus.DUPLICATE if ack.get("duplicate") else PublishStatus.STORED
+    return PublishResult(key, status, stream=ack.get("stream", ""), seq=ack.get("seq", 0))
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ import anyio
 
 from caresync.codecs import Subjects
 from caresync.router.provision import stream_specs
-from caresync.router.transport import Inbound, Outbound, PublishResult, PublishStatus
+from caresync.router.transport import Inbound, Publishable, PublishResult, PublishStatus
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -117,7 +117,9 @@ class MemoryTransport:
         """First sequence of ``stream`` (nothing is ever removed here)."""
         return 1 if stream in self.streams else 0
 
-    async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
+    async def publish(
+        self, messages: Sequence[Publishable], timeout_s: float
+    ) -> list[PublishResult]:
         """Store each message, honouring Msg-Id dedupe and injected failures."""
         results = []
         for m in messages:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 import structlog
 
-from caresync.router.transport import Outbound, PublishStatus, Transport
+from caresync.router.transport import Publishable, PublishStatus, Transport
 from caresync.store import BatchWrite, OutboxRow, PendingEffect
 
 log = structlog.get_logger("caresync.publisher")
@@ -68,19 +68,16 @@ class Publisher:
         window = self.max_in_flight
         per_key = seq_range is None
         for i in range(0, len(rows), window):
-            await self._send_chunk(
-                [Outbound(r.key, r.subject, r.payload, r.headers) for r in rows[i : i + window]],
-                per_key,
-            )
+            await self._send_chunk(rows[i : i + window], per_key)
         if seq_range is not None:
             self._ranges.append((seq_range[0], seq_range[1], time.time()))
 
-    async def _send_chunk(self, todo: list[Outbound], per_key: bool) -> None:
+    async def _send_chunk(self, todo: Sequence[Publishable], per_key: bool) -> None:
         delay_s = self.retry_initial_s
         while todo:
             results = await self.transport.publish(todo, self.timeout_s)
             now = time.time()
-            retry: list[Outbound] = []
+            retry: list[Publishable] = []
             for message, result in zip(todo, results, strict=True):
                 if result.status is PublishStatus.STORED:
                     self.stats.published += 1

@@ -40,6 +40,22 @@ class Outbound:
     headers: dict[str, str] | None = None
 
 
+class Publishable(Protocol):
+    """A message to publish with ``Nats-Msg-Id`` = ``key`` (an outbox row, an ``Outbound``)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+
+
 class PublishStatus(Enum):
     """What became of one publish."""
 
@@ -108,6 +124,8 @@ class Transport(Protocol):
         its oldest messages)."""
         ...
 
-    async def publish(self, messages: Sequence[Outbound], timeout_s: float) -> list[PublishResult]:
+    async def publish(
+        self, messages: Sequence[Publishable], timeout_s: float
+    ) -> list[PublishResult]:
         """Publish all, wait for their PubAcks up to ``timeout_s``; one result per message."""
         ...
