@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from caresync.actors.contract import Accepted, Effect, EntityKind, Rejected
@@ -25,8 +26,7 @@ log = structlog.get_logger("caresync.actor")
 
 
 # -- outcomes ---------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Applied:
+class Applied(msgspec.Struct, frozen=True, gc=False):
     """The command was accepted; the state after it and the effects to send."""
 
     state: Any
@@ -34,16 +34,14 @@ class Applied:
     effects: tuple[Effect, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Refused:
+class Refused(msgspec.Struct, frozen=True, gc=False):
     """``decide`` rejected the command (a business rule), with its reason."""
 
     reason: str
     code: str
 
 
-@dataclass(frozen=True, slots=True)
-class Parked:
+class Parked(msgspec.Struct, frozen=True, gc=False):
     """The entity is parked: this message waits for an operator.
 
     ``behind`` is false for the message whose handler failed, true for those queued after it.

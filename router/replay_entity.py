@@ -18,7 +18,6 @@ them once at its next start.  The router of the data dir must be stopped meanwhi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import sqlite3
 import time
@@ -400,7 +399,8 @@ class EntityReplayer:
         sent = {e.key for e in result.effects.already_sent}
         # Existing rows keep their status (ON CONFLICT DO NOTHING): nothing sent is resent.
         write.outbox = [
-            dataclasses.replace(row, sent=True) if row.key in sent else row for row in fold.produced
+            msgspec.structs.replace(row, sent=True) if row.key in sent else row
+            for row in fold.produced
         ]
         await store.commit(write)
         if result.outcome_changes:

@@ -7,13 +7,13 @@ the in-memory one (``memory_transport.py``) serves unit tests of the runtime and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+import msgspec
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
+
+class Inbound(msgspec.Struct, frozen=True, gc=False):
     """One message read from an input stream."""
 
     subject: str
@@ -30,8 +30,7 @@ class Inbound:
     n-th applied after the message at ``seq``, which it stands for; 0 for a message as read."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outbound:
+class Outbound(msgspec.Struct, frozen=True, gc=False):
     """One message to publish with ``Nats-Msg-Id`` = ``key`` and wait for its PubAck."""
 
     key: str
@@ -68,8 +67,7 @@ class PublishStatus(Enum):
     """No stream stores the subject, or the server refused it for good."""
 
 
-@dataclass(frozen=True, slots=True)
-class PublishResult:
+class PublishResult(msgspec.Struct, frozen=True, gc=False):
     """Outcome of one publish."""
 
     key: str

@@ -11,13 +11,13 @@ message and per-entity order holds (messages at or below the offset are skipped)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
@@ -332,7 +332,7 @@ class PartitionWorker:
                     self._batch_no += 1
                     write, stats = await self._applier.apply(batch, self._batch_no)
                     write.outbox = [
-                        dataclasses.replace(row, sent=True) if row.key in already_sent else row
+                        msgspec.structs.replace(row, sent=True) if row.key in already_sent else row
                         for row in write.outbox
                     ]
                     await self._commit(write, stats, self._batch_no)

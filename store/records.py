@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 
-@dataclass(frozen=True, slots=True)
-class EntityRow:
+
+class EntityRow(msgspec.Struct, frozen=True, gc=False):
     """The snapshot of one entity: written with each batch that changes it, read on load."""
 
     kind: str
@@ -16,8 +17,7 @@ class EntityRow:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class AppliedRow:
+class AppliedRow(msgspec.Struct, frozen=True, gc=False):
     """A dedupe record: this command id reached a final outcome."""
 
     command_id: str
@@ -29,8 +29,7 @@ class AppliedRow:
     applied_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(msgspec.Struct, frozen=True, gc=False):
     """A message to publish with ``Nats-Msg-Id`` = ``key``."""
 
     key: str
@@ -41,8 +40,7 @@ class OutboxRow:
     """Already in its stream (found there by a rebuild): recorded as sent, never published."""
 
 
-@dataclass(frozen=True, slots=True)
-class PendingEffect:
+class PendingEffect(msgspec.Struct, frozen=True, gc=False):
     """An outbox row read back for publishing."""
 
     seq: int
@@ -53,8 +51,7 @@ class PendingEffect:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class ParkedRow:
+class ParkedRow(msgspec.Struct, frozen=True, gc=False):
     """A message held back because its entity is parked."""
 
     kind: str

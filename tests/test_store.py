@@ -8,12 +8,12 @@ import sqlite3
 import threading
 import warnings
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from msgspec.structs import replace
 
 from caresync.store import (
     AppliedRow,
