@@ -21,7 +21,7 @@ from pathlib import Path
 
 from caresync.store.errors import map_sqlite_error
 from caresync.store.records import EntityRow
-from caresync.store.sqlite import applied_query, chunks, entities_query
+from caresync.store.sqlite import applied_query, entities_query, key_chunks
 
 
 class PointReader:
@@ -66,11 +66,8 @@ class PointReader:
         """Snapshots of the given (kind, id) keys that exist (``Store.load_entities``)."""
         found: dict[tuple[str, str], EntityRow] = {}
         try:
-            for chunk in chunks(keys):
-                params = [part for key in chunk for part in key]
-                for kind, id_, state, parked, seq in self._conn.execute(
-                    entities_query(len(chunk)), params
-                ):
+            for n, params in key_chunks(keys):
+                for kind, id_, state, parked, seq in self._conn.execute(entities_query(n), params):
                     found[(kind, id_)] = EntityRow(kind, id_, state, bool(parked), seq)
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "loading entities") from exc
@@ -80,11 +77,8 @@ class PointReader:
         """The keys among ``keys`` that have a dedupe record (``Store.applied_among``)."""
         seen: set[tuple[str, str, str]] = set()
         try:
-            for chunk in chunks(keys):
-                params = [part for key in chunk for part in key]
-                seen.update(
-                    (k, e, c) for k, e, c in self._conn.execute(applied_query(len(chunk)), params)
-                )
+            for n, params in key_chunks(keys):
+                seen.update((k, e, c) for k, e, c in self._conn.execute(applied_query(n), params))
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "reading dedupe records") from exc
         return seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -21,14 +21,25 @@ from caresync.store.ingest import IngestLog
 from caresync.store.records import BatchWrite, EntityRow, ParkedRow, PendingEffect
 from caresync.store.schema import DDL, DERIVED_TABLES, MIGRATIONS, PRAGMAS, SCHEMA_VERSION
 
-# SQLite's default limit on host parameters is 32766 in current builds; stay well below.
-_CHUNK = 500
+_CHUNK = 512
+"""Keys per read statement (SQLite's default limit on host parameters is 32766 in current
+builds: well below)."""
 
 
-def chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    """``items`` in slices small enough for one statement's host parameters."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def key_chunks(keys: Sequence[tuple[str, ...]]) -> Iterator[tuple[int, list[str]]]:
+    """``keys`` in statements of a power-of-two number of keys (up to :data:`_CHUNK`), the
+    last key repeated to fill one: (keys in the statement, its parameters).
+
+    So a read's SQL text is one of ten per query, and each stays prepared in the connection's
+    statement cache: preparing one for a few hundred keys costs ~0.4 ms, ~1 us per key, as
+    much as the lookups (a batch of 500 keys with a varying count: 3.2 against 2.4 us per
+    key).  A key repeated is found twice: the callers keep results in a set or a dict.
+    """
+    for i in range(0, len(keys), _CHUNK):
+        chunk = list(keys[i : i + _CHUNK])
+        n = 1 << (len(chunk) - 1).bit_length()
+        chunk += [chunk[-1]] * (n - len(chunk))
+        yield n, [part for key in chunk for part in key]
 
 
 def _load_headers(raw: bytes | None) -> dict[str, str] | None:
@@ -268,9 +279,8 @@ class Store:
         found: dict[tuple[str, str], EntityRow] = {}
         try:
             conn = await self._read_conn()
-            for chunk in chunks(keys):
-                params = [part for key in chunk for part in key]
-                async with conn.execute(entities_query(len(chunk)), params) as cur:
+            for n, params in key_chunks(keys):
+                async with conn.execute(entities_query(n), params) as cur:
                     for kind, id_, state, parked, seq in await cur.fetchall():
                         found[(kind, id_)] = EntityRow(kind, id_, state, bool(parked), seq)
         except sqlite3.Error as exc:
@@ -284,9 +294,8 @@ class Store:
         seen: set[tuple[str, str, str]] = set()
         try:
             conn = await self._read_conn()
-            for chunk in chunks(keys):
-                params = [part for key in chunk for part in key]
-                async with conn.execute(applied_query(len(chunk)), params) as cur:
+            for n, params in key_chunks(keys):
+                async with conn.execute(applied_query(n), params) as cur:
                     seen.update((k, e, c) for k, e, c in await cur.fetchall())
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, "reading dedupe records") from exc

@@ -28,7 +28,7 @@ from caresync.store import (
 )
 from caresync.store.batch_write import ROWS_PER_STATEMENT
 from caresync.store.schema import SCHEMA_VERSION
-from caresync.store.sqlite import DEFAULT_CACHE_MB, applied_query, entities_query
+from caresync.store.sqlite import DEFAULT_CACHE_MB, applied_query, entities_query, key_chunks
 
 pytestmark = pytest.mark.anyio
 
@@ -303,6 +303,25 @@ async def test_the_first_outcome_of_a_command_id_wins(store: Store) -> None:
 
 
 # -- chunked reads ------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 100, 500, 512, 513, 1300])
+def test_key_chunks_fill_power_of_two_statements_with_the_last_key(count: int) -> None:
+    asked = [("appointment", f"A{i}", f"c{i}") for i in range(count)]
+    chunks = list(key_chunks(asked))
+    seen: list[tuple[str, ...]] = []
+    for n, params in chunks:
+        assert n & (n - 1) == 0
+        assert n <= 512
+        assert len(params) == 3 * n
+        got = [tuple(params[i : i + 3]) for i in range(0, len(params), 3)]
+        real = list(dict.fromkeys(got))
+        # Every key once, in order; then only the chunk's last key again, to fill it.
+        assert got[: len(real)] == real
+        assert set(got[len(real) :]) <= {real[-1]}
+        seen += real
+    assert seen == asked
+    assert len(chunks) == -(-count // 512)
+
+
 async def test_applied_among_finds_exactly_the_known_ids_across_chunks(store: Store) -> None:
     known = [f"cmd-{i:05d}" for i in range(0, 2400, 2)]  # 1200 ids
     await store.commit(BatchWrite(applied=[applied(c) for c in known]))
