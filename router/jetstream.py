@@ -342,6 +342,8 @@ def _result(key: str, reply: Msg | BaseException | None) -> PublishResult:
     """What a PubAck (or the failure to send, or no reply) says of one publish."""
     if reply is None:
         return PublishResult(key, PublishStatus.RETRY, "no PubAck in time")
+    if isinstance(reply, nats.errors.MaxPayloadError | nats.errors.BadSubjectError):
+        return PublishResult(key, PublishStatus.FAILED, _describe(reply))
     if isinstance(reply, BaseException):
         return PublishResult(key, PublishStatus.RETRY, _describe(reply))
     if reply.headers and reply.headers.get(api.Header.STATUS) == _NO_RESPONDERS:

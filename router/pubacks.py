@@ -12,6 +12,7 @@ gives up after its own deadline (:meth:`PubAcks.forget`): after a disconnect no 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 
 import nats.errors
@@ -68,26 +69,45 @@ class PubAcks:
                     batch._settle(i, exc)
                 return batch
             self._prefix = prefix
-        waiting, prefix, publish = self._waiting, self._prefix, self._nc.publish
+        nc = self._nc
+        if nc.is_closed or not nc.is_connected:
+            # Closed, or reconnecting: nothing goes out now; sent again after the back-off.
+            for i in range(len(messages)):
+                batch._settle(i, nats.errors.ConnectionClosedError())
+            return batch
+        waiting, reply_prefix, max_payload = self._waiting, self._prefix.encode(), nc.max_payload
+        commands: list[bytes] = []
         n = self._next
         for i, m in enumerate(messages):
+            payload = m.payload
+            if len(payload) > max_payload:
+                batch._settle(i, nats.errors.MaxPayloadError())
+                continue
+            subject = m.subject
+            if not subject or _NOT_IN_SUBJECT.search(subject):
+                batch._settle(i, nats.errors.BadSubjectError())
+                continue
             n += 1
             token = str(n)
             batch.tokens[i] = token
             waiting[token] = (batch, i)
-            # nats-py mutates the headers dict it is given: always hand it a fresh one.
-            extra = m.headers
-            headers = {**extra, MSG_ID: m.key} if extra else {MSG_ID: m.key}
-            try:
-                await publish(m.subject, m.payload, reply=prefix + token, headers=headers)
-            except SEND_ERRORS as exc:
-                del waiting[token]
-                batch._settle(i, exc)
-            except BaseException:
-                del waiting[token]
-                raise
+            header = _header(m.key, m.headers)
+            commands.append(
+                b"HPUB %s %s%s %d %d\r\n%s%s\r\n"
+                % (
+                    subject.encode(),
+                    reply_prefix,
+                    token.encode(),
+                    len(header),
+                    len(header) + len(payload),
+                    header,
+                    payload,
+                )
+            )
         self._next = n
-        if not messages:
+        if commands:
+            await _send(nc, b"".join(commands))
+        if not batch.remaining:
             batch.done.set()
         return batch
 
@@ -106,3 +126,36 @@ class PubAcks:
         entry = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if entry is not None:
             entry[0]._settle(entry[1], msg)
+
+
+_NOT_IN_SUBJECT = re.compile(r"[ \t\r\n]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEWLINES = {13: " ", 10: " "}
+
+
+def _header(key: str, extra: dict[str, str] | None) -> bytes:
+    """The header block: the Msg-Id, then the message's own headers, as nats-py writes them
+    (newlines in values become spaces); a name that is not a valid header name is dropped (a
+    dead letter keeps the headers it came with, whatever they are)."""
+    lines = ["NATS/1.0\r\n", MSG_ID, ": ", key.strip().translate(_NEWLINES), "\r\n"]
+    if extra:
+        for name, value in extra.items():
+            name = name.strip()
+            if name != MSG_ID and _HEADER_NAME.fullmatch(name):
+                lines += (name, ": ", value.strip().translate(_NEWLINES), "\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
+async def _send(nc: NatsClient, commands: bytes) -> None:
+    """Queue protocol commands on the connection and wake its flusher.
+
+    This is what ``Client.publish`` does for one message, minus its per-message checks and
+    header encoding, which cost ~2 us a message (8.9 -> 6.7 us of CPU per message published
+    and confirmed, 20,000 messages in lists of 500).  It uses two private members of nats-py's
+    client, stable through its 2.x releases (pinned in pyproject.toml); tests/
+    test_jetstream_publish.py runs this path against the real server.
+    """
+    await nc._send_command(commands)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()

@@ -116,3 +116,38 @@ async def test_a_closed_connection_is_retried_not_raised(nats_url: str, unique_p
     results = await transport.publish([Outbound("k", f"{unique_prefix}.pub.c", b"")], 1.0)
     assert [r.status for r in results] == [PublishStatus.RETRY]
     assert transport.in_flight == 0
+
+
+async def test_a_payload_over_the_servers_limit_or_a_bad_subject_fails_alone(
+    nc: NatsClient, stream: str, unique_prefix: str
+) -> None:
+    transport = JetStreamTransport(nc)
+    subject = f"{unique_prefix}.pub.limits"
+    results = await transport.publish(
+        [
+            Outbound("huge", subject, b"x" * (nc.max_payload + 1)),
+            Outbound("spaced", f"{unique_prefix}.pub.a b", b"x"),
+            Outbound("crlf", f"{unique_prefix}.pub.a\r\nPUB x 1", b"x"),
+            Outbound("fine", subject, b"x"),
+        ],
+        5.0,
+    )
+    assert [r.status for r in results] == [PublishStatus.FAILED] * 3 + [PublishStatus.STORED]
+    assert transport.in_flight == 0
+    info = await nc.jetstream().stream_info(stream)
+    assert info.state.messages == 1
+
+
+async def test_hostile_keys_and_header_names_cannot_break_the_protocol(
+    nc: NatsClient, stream: str, unique_prefix: str
+) -> None:
+    transport = JetStreamTransport(nc)
+    subject = f"{unique_prefix}.pub.hostile"
+    headers = {"Bad Name": "dropped", "X-Ok": "kept\r\nInjected: yes", "": "empty"}
+    results = await transport.publish(
+        [Outbound("key\r\nInjected: yes", subject, b"\r\nPUB x 1\r\n", headers)], 5.0
+    )
+    assert [r.status for r in results] == [PublishStatus.STORED]
+    stored = await nc.jetstream().get_msg(stream, results[0].seq)
+    assert stored.data == b"\r\nPUB x 1\r\n"
+    assert stored.headers == {"Nats-Msg-Id": "key  Injected: yes", "X-Ok": "kept  Injected: yes"}
