@@ -87,8 +87,14 @@ class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     """Consuming, batching and actor lifecycle."""
 
     batch_size: Annotated[
-        int, Meta(ge=1, le=10_000, description="Messages fetched per pull request")
-    ] = 500
+        int,
+        Meta(
+            ge=1,
+            le=10_000,
+            description="Messages fetched per pull request: at most this many are applied "
+            "and committed together (fewer when fewer are waiting)",
+        ),
+    ] = 1000
     pull_expires_ms: Annotated[
         int, Meta(gt=0, description="How long a pull request waits for messages")
     ] = 1000
