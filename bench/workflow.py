@@ -57,7 +57,7 @@ SETTLE_POLL_S = 0.25
 LATENCY_DEFINITION = (
     "publish -> the last downstream call of that command's tree acknowledged by its system "
     "(downstream_calls.at of every effect whose outbox causation chain leads to the command), "
-    "paced at 50% of the measured caresync rate"
+    "paced at 50% of the measured caresync rate, after a 1 s pause"
 )
 DOWNSTREAM = (
     "connectors on (NATS request/reply) to the billing, ERP and supply simulators started by "

@@ -94,7 +94,7 @@ class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
             description="Messages fetched per pull request: at most this many are applied "
             "and committed together (fewer when fewer are waiting)",
         ),
-    ] = 1000
+    ] = 2000
     pull_expires_ms: Annotated[
         int, Meta(gt=0, description="How long a pull request waits for messages")
     ] = 1000

@@ -12,12 +12,13 @@ from caresync.router.actor import Supervision
 class WorkerSettings:
     """The knobs of one partition worker (from ``[router]``, ``[supervision]``, ``[outbox]``)."""
 
-    batch_size: int = 1000
+    batch_size: int = 2000
     """At most this many messages per batch (fewer when fewer are waiting).  bench fanout with
-    2 processes, 3 interleaved pairs: 500 -> 6,015 / 5,980 / 6,023 commands/s, 1000 -> 6,338 /
-    6,505 / 6,436: a batch's entity, dedupe and outbox rows share more SQLite pages, and the
-    per-batch costs are spread over more commands.  Paced at 50 % of peak the batches are
-    small either way (bench latency p99 13.1 / 13.0 -> 15.7 / 14.8 ms)."""
+    2 processes, 3 interleaved pairs each: 500 -> 6,015 / 5,980 / 6,023 commands/s against
+    1000 -> 6,338 / 6,505 / 6,436; 1000 -> 6,270 / 6,317 / 6,490 against 2000 -> 6,463 /
+    6,558 / 6,796.  A batch's entity, dedupe and outbox rows share more SQLite pages, and the
+    per-batch costs are spread over more commands.  Paced at 50 % of peak the batches are small
+    either way: bench latency p99 13.1 / 13.0 ms with 500, 15.6 / 18.0 with 2000."""
     pull_timeout_s: float = 1.0
     batches_in_flight: int = 1
     """Batches in the pull stage's hands: 1 pulls each batch when the apply stage asks for it,

@@ -29,7 +29,7 @@ def test_defaults_without_file_or_environment() -> None:
     cfg = load_config(None, environ={})
     assert cfg == Config()
     assert cfg.nats.url == ""
-    assert cfg.router.batch_size == 1000
+    assert cfg.router.batch_size == 2000
     assert cfg.streams.storage == "file"
     assert cfg.store.path == "caresync.db"
 
