@@ -12,6 +12,7 @@ gives up after its own deadline (:meth:`PubAcks.forget`): after a disconnect no 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Sequence
 
@@ -135,16 +136,27 @@ _NEWLINES = {13: " ", 10: " "}
 
 def _header(key: str, extra: dict[str, str] | None) -> bytes:
     """The header block: the Msg-Id, then the message's own headers, as nats-py writes them
-    (newlines in values become spaces); a name that is not a valid header name is dropped (a
-    dead letter keeps the headers it came with, whatever they are)."""
-    lines = ["NATS/1.0\r\n", MSG_ID, ": ", key.strip().translate(_NEWLINES), "\r\n"]
+    (values stripped, newlines in them made spaces); a name that is not a valid header name is
+    dropped (a dead letter keeps the headers it came with, whatever they are)."""
+    block = b"NATS/1.0\r\nNats-Msg-Id: " + _value(key) + b"\r\n"
     if extra:
         for name, value in extra.items():
-            name = name.strip()
-            if name != MSG_ID and _HEADER_NAME.fullmatch(name):
-                lines += (name, ": ", value.strip().translate(_NEWLINES), "\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode()
+            if _valid_name(name):
+                block += name.strip().encode() + b": " + _value(value) + b"\r\n"
+    return block + b"\r\n"
+
+
+def _value(text: str) -> bytes:
+    text = text.strip()
+    if "\r" in text or "\n" in text:
+        text = text.translate(_NEWLINES)
+    return text.encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _valid_name(name: str) -> bool:
+    name = name.strip()
+    return name != MSG_ID and _HEADER_NAME.fullmatch(name) is not None
 
 
 async def _send(nc: NatsClient, commands: bytes) -> None:
