@@ -20,6 +20,8 @@ import functools
 import re
 from dataclasses import dataclass
 
+import msgspec
+
 from caresync.codecs.errors import SubjectError
 
 MAX_ID_LENGTH = 256
@@ -43,6 +45,12 @@ def fnv1a_32(data: bytes) -> int:
 @functools.lru_cache(maxsize=1 << 16)
 def _partition(kind: str, entity: str, partitions: int) -> int:
     return fnv1a_32(f"{kind}{encode_token(entity)}".encode()) % partitions
+
+
+@functools.lru_cache(maxsize=16)
+def _tokens(prefix: str) -> list[str]:
+    """The tokens of a subject prefix (shared: never modified)."""
+    return prefix.split(".")
 
 
 def encode_token(value: str) -> str:
@@ -94,8 +102,7 @@ def decode_token(token: str) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class EntityAddress:
+class EntityAddress(msgspec.Struct, frozen=True, gc=False):
     """Where a command goes: the entity kind and id, and whether it came from inside."""
 
     kind: str
@@ -154,8 +161,9 @@ class Subjects:
     def parse_address(self, subject: str) -> EntityAddress:
         """Entity kind and id of an input or internal subject; raises SubjectError."""
         tokens = subject.split(".")
-        offset = self.prefix.count(".") + 1
-        if tokens[:offset] != self.prefix.split("."):
+        head = _tokens(self.prefix)
+        offset = len(head)
+        if tokens[:offset] != head:
             raise SubjectError(f"subject {subject!r} is outside the prefix {self.prefix!r}")
         rest = tokens[offset:]
         # A partitioned deployment maps cs.in.K.I to cs.part.N.in.K.I (see stream_subjects).
