@@ -78,20 +78,18 @@ async def connect(url: str, *, name: str, connect_timeout_s: float) -> NatsClien
     return nc
 
 
-def _stream_seq(reply: str) -> int:
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (9 tokens), or
-    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>... (12+ tokens).
+def _position(reply: str) -> tuple[int, int]:
+    """(stream sequence, stream timestamp in ns) of a delivered message, from its ack subject:
+    $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending> (9 tokens), or
+    $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>... (12+ tokens).  The
+    timestamp is 0 if it is not there."""
     tokens = reply.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
-def _stream_timestamp_ns(reply: str) -> int:
-    # The <ts> token of the same forms: nanoseconds since the epoch when the stream stored it.
-    tokens = reply.split(".")
+    at = 5 if len(tokens) == 9 else 7
     try:
-        return int(tokens[7] if len(tokens) == 9 else tokens[9])
+        timestamp_ns = int(tokens[at + 2])
     except (IndexError, ValueError):
-        return 0
+        timestamp_ns = 0
+    return int(tokens[at]), timestamp_ns
 
 
 class JetStreamConsumer:
@@ -175,16 +173,9 @@ class JetStreamConsumer:
             self._on_status(headers)
             return
         self._outstanding = max(0, self._outstanding - 1)
+        seq, timestamp_ns = _position(msg.reply)
         out.append(
-            Inbound(
-                subject=msg.subject,
-                data=msg.data,
-                headers=headers,
-                stream=self._stream,
-                seq=_stream_seq(msg.reply),
-                reply=msg.reply,
-                timestamp_ns=_stream_timestamp_ns(msg.reply),
-            )
+            Inbound(msg.subject, msg.data, headers, self._stream, seq, msg.reply, timestamp_ns)
         )
 
     def _on_status(self, headers: dict[str, str]) -> None:
