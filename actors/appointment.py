@@ -316,8 +316,9 @@ def _effects(
                     },
                 )
             )
-        demand = _demand(mine)
-        if demand != _demand(prev):
+        # Demand lines are the reservations on the date: _demand(mine) != _demand(prev).
+        if mine.reservations != prev.reservations or (mine.reservations and mine.date != prev.date):
+            demand = _demand(mine)
             effects.append(
                 Effect(
                     target=ActorRef("erp", after.id),
@@ -326,13 +327,14 @@ def _effects(
                     payload={"facility_id": facility, "appointment_id": after.id, "lines": demand},
                 )
             )
-    if _billing_view(before) != _billing_view(after):
+    billing = _billing_view(after)
+    if _billing_view(before) != billing:
         effects.append(
             Effect(
                 target=ActorRef("billing", after.id),
                 name="update",
                 key=f"{command.key}:billing",
-                payload=_billing_view(after),
+                payload=billing,
             )
         )
     if after.details is not None and after.details.visit_number and before.details is None:
@@ -344,6 +346,8 @@ def _effects(
                 payload={"appointment_id": after.id},
             )
         )
+    if _procedure_inputs(before) == _procedure_inputs(after):
+        return tuple(effects)  # the same views (a move in time or place changes none)
     old_views = _procedure_views(before, command.refdata)
     new_views = _procedure_views(after, command.refdata)
     for code in sorted(set(old_views) | set(new_views)):
@@ -358,6 +362,14 @@ def _effects(
                 )
             )
     return tuple(effects)
+
+
+def _procedure_inputs(state: AppointmentState) -> tuple[Any, ...]:
+    """Everything of a state its procedure views are made of (with the reference data)."""
+    details = state.details
+    if details is None:
+        return (None,)
+    return (state.id, details.procedures, details.providers, state.status, state.charges)
 
 
 def _procedure_views(state: AppointmentState, refdata: Any) -> dict[str, dict[str, Any]]:

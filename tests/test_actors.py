@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from workflow_network import Network, demo_refdata
 
 from caresync.actors import (
@@ -438,6 +440,122 @@ def test_owner_effect_keys_are_deterministic_and_differ_between_commands(
     assert [(e.target, e.name, e.payload) for e in first.effects] == [
         (e.target, e.name, e.payload) for e in other.effects
     ]
+
+
+# -- the shortcuts of appointment._effects ---------------------------------------------------
+PROCEDURE_CHARGE = PostCharges(lines=(ChargeLine(line_id="L3", code="27447", amount="9"),))
+"""One more line under the booked procedure's own code: its procedure view changes."""
+STEPS: list[tuple[str, Any]] = [
+    *((name, PAYLOADS[name]) for name in appointment.KIND.commands),
+    *RESCHEDULES,
+    ("reschedule", RescheduleAppointment(start=datetime(2027, 3, 10, 23, 30, tzinfo=UTC))),
+    ("reschedule", RescheduleAppointment(facility_id="MAIN", room="OR-2")),
+    ("modify", ModifyAppointment(providers_added=("DR-ORTHO",))),
+    ("post_charges", PROCEDURE_CHARGE),
+    ("modify", ModifyAppointment(procedures_removed=("27447",))),
+    ("modify", ModifyAppointment(procedures=(ProcedureRef(code="27447", provider_id="DR-X"),))),
+]
+
+
+def full_effects(
+    before: appointment.AppointmentState, after: appointment.AppointmentState, c: Command[Any]
+) -> tuple[Effect, ...]:
+    """appointment._effects without its shortcuts: every view built and compared (the oracle)."""
+    a = appointment
+    effects: list[Effect] = []
+    old, new = before.plan, after.plan
+    for facility in [f for f in dict.fromkeys((old.facility_id, new.facility_id)) if f]:
+        mine = new if facility == new.facility_id else a.Plan(facility_id=facility)
+        prev = old if facility == old.facility_id else a.Plan(facility_id=facility)
+        if (mine.reservations, mine.consumed) != (prev.reservations, prev.consumed):
+            plan = {"reservations": mine.reservations, "consumed": mine.consumed}
+            payload = {"facility_id": facility, "appointment_id": after.id, **plan}
+            effects.append(
+                Effect(
+                    target=ActorRef("supply", after.id),
+                    name="plan",
+                    key=f"{c.key}:supply:{facility}",
+                    payload=payload,
+                )
+            )
+        if a._demand(mine) != a._demand(prev):
+            lines = {"facility_id": facility, "appointment_id": after.id, "lines": a._demand(mine)}
+            effects.append(
+                Effect(
+                    target=ActorRef("erp", after.id),
+                    name="demand",
+                    key=f"{c.key}:erp:{facility}",
+                    payload=lines,
+                )
+            )
+    if a._billing_view(before) != a._billing_view(after):
+        billing = a._billing_view(after)
+        effects.append(
+            Effect(
+                target=ActorRef("billing", after.id),
+                name="update",
+                key=f"{c.key}:billing",
+                payload=billing,
+            )
+        )
+    if after.details is not None and after.details.visit_number and before.details is None:
+        effects.append(
+            Effect(
+                target=ActorRef("visit", after.details.visit_number),
+                name="link",
+                key=f"{c.key}:visit",
+                payload={"appointment_id": after.id},
+            )
+        )
+    old_views = a._procedure_views(before, c.refdata)
+    new_views = a._procedure_views(after, c.refdata)
+    for code in sorted(set(old_views) | set(new_views)):
+        view = new_views.get(code) or {**old_views[code], "status": "removed"}
+        if view != old_views.get(code):
+            effects.append(
+                Effect(
+                    target=ActorRef("procedure", f"{after.id}#{code}"),
+                    name="update",
+                    key=f"{c.key}:procedure:{code}",
+                    payload=view,
+                )
+            )
+    return tuple(effects)
+
+
+BOOK_AT = STEPS.index(("book", BOOK))
+CHARGES_AT = STEPS.index(("post_charges", CHARGES))
+PROCEDURE_CHARGE_AT = STEPS.index(("post_charges", PROCEDURE_CHARGE))
+BY_PROVIDER_AT = len(STEPS) - 1
+MOVE_AT = STEPS.index(("reschedule", PAYLOADS["reschedule"]))
+NO_CARD_AT = len(STEPS)
+"""Not in STEPS: a booking with no preference card."""
+NO_CARD = BookAppointment(
+    procedures=(ProcedureRef(code="99999"),),
+    facility_id="MAIN",
+    start=datetime(2027, 3, 10, 9, 0, tzinfo=UTC),
+    payer_id="ACME",
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(range(len(STEPS))), min_size=1, max_size=12))
+@example([BOOK_AT, CHARGES_AT, PROCEDURE_CHARGE_AT])  # then only the charges change
+@example([BOOK_AT, BY_PROVIDER_AT, MOVE_AT])  # a card of the provider's, then moved in time
+@example([NO_CARD_AT, MOVE_AT])  # nothing reserved (no card), then moved to another day
+def test_effects_are_those_of_comparing_every_view(steps: list[int]) -> None:
+    """_effects skips the procedure views when what they are made of is equal, and compares
+    demand by reservations and date: it must send exactly what comparing every view sends."""
+    state = appointment.initial("A1")
+    for n, i in enumerate(steps):
+        name, payload = STEPS[i] if i < len(STEPS) else ("book", NO_CARD)
+        command = cmd(name, payload, id=f"s{n}", at=T0 + timedelta(minutes=n))
+        decision = appointment.KIND.decide(state, command)
+        if not isinstance(decision, Accepted):
+            continue
+        after = appointment.KIND.apply(state, decision.events)
+        assert decision.effects == full_effects(state, after, command)
+        state = after
 
 
 # -- rejections -----------------------------------------------------------------------------
