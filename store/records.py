@@ -8,7 +8,9 @@ import msgspec
 
 
 class EntityRow(msgspec.Struct, frozen=True, gc=False):
-    """The snapshot of one entity: written with each batch that changes it, read on load."""
+    """The snapshot of one entity: written with each batch that changes it, read on load.
+
+    Fields in the order of the table's columns (``batch_write`` inserts them as they are)."""
 
     kind: str
     id: str
@@ -18,7 +20,9 @@ class EntityRow(msgspec.Struct, frozen=True, gc=False):
 
 
 class AppliedRow(msgspec.Struct, frozen=True, gc=False):
-    """A dedupe record: this command id reached a final outcome."""
+    """A dedupe record: this command id reached a final outcome.
+
+    Fields in the order of the table's columns (``batch_write`` inserts them as they are)."""
 
     command_id: str
     kind: str
