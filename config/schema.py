@@ -95,6 +95,16 @@ class RouterConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
             "and committed together (fewer when fewer are waiting)",
         ),
     ] = 2000
+    batch_max_commands: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1_000_000,
+            description="About how many commands a batch applies at most, counting the local "
+            "commands each input brings with it: after a batch that fanned out more, the next "
+            "one takes fewer inputs (this bounds the router's memory)",
+        ),
+    ] = 4000
     pull_expires_ms: Annotated[
         int, Meta(gt=0, description="How long a pull request waits for messages")
     ] = 1000

@@ -107,7 +107,15 @@ class PubAcks:
             )
         self._next = n
         if commands:
-            await _send(nc, b"".join(commands))
+            try:
+                await _send(nc, b"".join(commands))
+            except BaseException as exc:
+                self.forget(batch)
+                if not isinstance(exc, SEND_ERRORS):
+                    raise
+                for i, reply in enumerate(batch.replies):
+                    if reply is None:
+                        batch._settle(i, exc)
         if not batch.remaining:
             batch.done.set()
         return batch

@@ -137,9 +137,9 @@ class PartitionWorker:
             # The apply stage asks for each batch when it is ready for it, so that a batch
             # holds every message that arrived until then; ``ahead`` more may be pulled early.
             # (At most ahead + 1 requests are ever unanswered.)
-            ask, asked = anyio.create_memory_object_stream[None](ahead + 1)
+            ask, asked = anyio.create_memory_object_stream[int](ahead + 1)
             for _ in range(ahead):
-                ask.send_nowait(None)
+                ask.send_nowait(self._settings.batch_size)
             commit_send, commit_receive = anyio.create_memory_object_stream[_ToCommit](1)
             pub_send, pub_receive = anyio.create_memory_object_stream[_ToPublish](1)
             async with anyio.create_task_group() as tg:
@@ -160,7 +160,7 @@ class PartitionWorker:
         self,
         consumer: InputConsumer,
         send: ObjectSendStream[list[Inbound] | Release],
-        asked: ObjectReceiveStream[None],
+        asked: ObjectReceiveStream[int],
     ) -> None:
         try:
             async with asked:
@@ -176,17 +176,15 @@ class PartitionWorker:
         self,
         consumer: InputConsumer,
         send: ObjectSendStream[list[Inbound] | Release],
-        asked: ObjectReceiveStream[None],
+        asked: ObjectReceiveStream[int],
     ) -> None:
         async with send:
             while not self._stop.is_set():
                 batch: list[Inbound] = []
                 with anyio.CancelScope() as scope:
                     self._pull_scope = scope
-                    await asked.receive()
-                    batch = await consumer.next_batch(
-                        self._settings.batch_size, self._settings.pull_timeout_s
-                    )
+                    size = await asked.receive()
+                    batch = await consumer.next_batch(size, self._settings.pull_timeout_s)
                 self._pull_scope = None
                 if scope.cancelled_caught:
                     break
@@ -201,7 +199,7 @@ class PartitionWorker:
         self,
         receive: ObjectReceiveStream[list[Inbound] | Release],
         commit_send: ObjectSendStream[_ToCommit],
-        ask: MemoryObjectSendStream[None],
+        ask: MemoryObjectSendStream[int],
     ) -> None:
         """Apply batch after batch; each is committed by the commit stage while the next one
         is applied (its dedupe records are kept in memory until then, see
@@ -210,12 +208,13 @@ class PartitionWorker:
         async with receive, commit_send, ask, anyio.create_task_group() as actors_tg:
             self._applier.task_group = actors_tg
             waiting = False
+            size = self._settings.batch_size
             while True:
                 # Ask for the next batch now, once: a release that comes first does not
                 # answer the request (asking again would let the pull stage work ahead).
                 if not waiting:
                     with contextlib.suppress(anyio.BrokenResourceError):  # pulling has ended
-                        ask.send_nowait(None)
+                        ask.send_nowait(size)
                     waiting = True
                 try:
                     batch = await receive.receive()
@@ -231,6 +230,7 @@ class PartitionWorker:
                     self._batch_no += 1
                     write, stats = await self._applier.apply(batch, self._batch_no)
                     self.stages.add("apply", time.perf_counter() - t0)
+                    size = self._next_size(len(batch), len(write.applied) + len(write.parked))
                     await commit_send.send(_ToCommit(write, stats, batch[-1], self._batch_no))
                 elif self._publisher.has_marks():
                     # Idle: confirmations of what was published still need committing.
@@ -240,6 +240,13 @@ class PartitionWorker:
                 self.stats.passivated += self._applier.passivate(self._committed_no)
             await self._drain_commits()
             self._applier.close()
+
+    def _next_size(self, inputs: int, applied: int) -> int:
+        """Inputs to ask for next: ``batch_size``, fewer if the last batch's inputs brought so
+        many local commands that as many again would apply over ``batch_max_commands``."""
+        per_input = max(1.0, applied / inputs)
+        fit = int(self._settings.batch_max_commands / per_input)
+        return max(1, min(self._settings.batch_size, fit))
 
     async def _commit_loop(
         self, receive: ObjectReceiveStream[_ToCommit], pub_send: ObjectSendStream[_ToPublish]
@@ -321,16 +328,16 @@ class PartitionWorker:
         try:
             async with anyio.create_task_group() as actors_tg:
                 self._applier.task_group = actors_tg
+                size = self._settings.batch_size
                 while self._last_seq < end_seq:
-                    batch = await reader.next_batch(
-                        self._settings.batch_size, self._settings.pull_timeout_s
-                    )
+                    batch = await reader.next_batch(size, self._settings.pull_timeout_s)
                     batch = [m for m in batch if self._last_seq < m.seq <= end_seq]
                     if not batch:
                         continue
                     self._last_seq = batch[-1].seq
                     self._batch_no += 1
                     write, stats = await self._applier.apply(batch, self._batch_no)
+                    size = self._next_size(len(batch), len(write.applied) + len(write.parked))
                     write.outbox = [
                         msgspec.structs.replace(row, sent=True) if row.key in already_sent else row
                         for row in write.outbox

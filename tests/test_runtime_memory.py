@@ -382,6 +382,27 @@ async def test_per_entity_order_holds_across_many_interleaved_entities(
     await check_lifecycles_done(store, transport, cmds, 200)
 
 
+async def test_a_batch_takes_fewer_inputs_after_one_that_fanned_out_more(
+    transport: MemoryTransport, store: Store
+) -> None:
+    """router.batch_max_commands bounds what a batch applies, local commands included: after a
+    first batch of bookings (each brings BOOK.accepted - 1 local commands), the next ones take
+    only as many bookings as fit."""
+    bookings = [lifecycle(f"A{i}", "MAIN")[0] for i in range(60)]
+    publish(transport, bookings)
+    router = make_router(transport, store, batch_size=30, batch_max_commands=40)
+
+    async with running(router):
+        await settle(router, transport, store)
+
+    fit = 40 // BOOK.accepted
+    stats = router.workers[0].stats
+    assert fit < 30
+    assert stats.batches == 1 + -(-30 // fit)  # 30 at first, then `fit` at a time
+    assert stats.accepted == 60 * BOOK.accepted
+    await check_matches_oracle(store, transport, bookings)
+
+
 async def test_out_of_order_application_is_detected(
     transport: MemoryTransport, store: Store
 ) -> None:
