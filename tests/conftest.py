@@ -1,11 +1,14 @@
-"""Shared fixtures: anyio backend, one session-wide embedded nats-server, unique names."""
+"""Shared fixtures: anyio backend, one session-wide embedded nats-server, a client of it,
+unique names."""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
 
+import nats
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from caresync.router.embedded import EmbeddedNats
 
@@ -27,6 +30,16 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 def nats_url(nats_server: EmbeddedNats) -> str:
     """Client URL of the session nats-server."""
     return nats_server.url
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
+    """A client of the session nats-server, closed after the test."""
+    client = await nats.connect(nats_url)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(nats_url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-@pytest.fixture
 async def stream(nc: NatsClient, unique_prefix: str) -> AsyncIterator[str]:
     name = f"{unique_prefix}_PUB"
     await nc.jetstream().add_stream(

@@ -10,13 +10,11 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
-import nats
 import pytest
 from harness import count_on, make_config, stream_messages, wait_for
 from nats.aio.client import Client as NatsClient
@@ -38,15 +36,6 @@ pytestmark = pytest.mark.anyio
 
 DEMO = Path(caresync.config.__file__).parent / "demo"
 CARESYNC = str(Path(sys.executable).parent / "caresync")
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(nats_url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture
