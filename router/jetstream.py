@@ -344,27 +344,20 @@ def _result(key: str, reply: Msg | BaseException | None) -> PublishResult:
         ack = orjson.loads(reply.data)
     except orjson.JSONDecodeError as exc:
         return PublishResult(key, PublishStatus.RETRY, f"unreadable PubAck: {exc}")
-    error = ack.get("error") if isinstance(ack, dict) else {"description": "not an object"}
+    if not isinstance(ack, dict):
+        return PublishResult(key, PublishStatus.RETRY, "unreadable PubAck: not an object")
+    error = ack.get("error")
     if error is not None:
-        try:  # it raises the error's class (ServiceUnavailableError for a 503, ...)
-            nats.js.errors.APIError.from_error(error)
-        except nats.js.errors.APIError as exc:
-            return PublishResult(key, _classify(exc), _describe(exc))
-        return PublishResult(key, PublishStatus.FAILED, str(error))
+        # 503 (unavailable) and 408 (timed out) pass once the server is back: sent again.
+        # Anything else (too big, wrong expectation...) will fail the same way: given up.
+        details = error if isinstance(error, dict) else {"description": str(error)}
+        code = details.get("code")
+        status = PublishStatus.RETRY if code in (503, 408) else PublishStatus.FAILED
+        text = f"{details.get('description', 'error')} (code {code}, {details.get('err_code')})"
+        return PublishResult(key, status, text)
     status = PublishStatus.DUPLICATE if ack.get("duplicate") else PublishStatus.STORED
     return PublishResult(key, status, stream=ack.get("stream", ""), seq=ack.get("seq", 0))
 
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def _classify(exc: BaseException) -> PublishStatus:
-    # 503 "no responders" means no stream answered: during a leader election that is
-    # transient, so it is retried with back-off like a timeout.
-    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.TimeoutError):
-        return PublishStatus.RETRY
-    if isinstance(exc, nats.js.errors.APIError):
-        code = getattr(exc, "code", None)
-        return PublishStatus.RETRY if code in (503, 408) else PublishStatus.FAILED
-    return PublishStatus.RETRY

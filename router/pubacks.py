@@ -40,12 +40,20 @@ class AckBatch:
         self.tokens: list[str] = [""] * n
         self.remaining = n
         self.done = asyncio.Event()
+        if not n:
+            self.done.set()
 
     def _settle(self, i: int, reply: Msg | BaseException) -> None:
         self.replies[i] = reply
         self.remaining -= 1
         if not self.remaining:
             self.done.set()
+
+    def _fail_rest(self, exc: BaseException) -> None:
+        """Every publish not settled yet failed with ``exc`` (nothing went out for it)."""
+        for i, reply in enumerate(self.replies):
+            if reply is None:
+                self._settle(i, exc)
 
 
 class PubAcks:
@@ -66,15 +74,13 @@ class PubAcks:
                 prefix = self._nc.new_inbox() + "."
                 self._sub = await self._nc.subscribe(prefix + "*", cb=self._on_reply)
             except SEND_ERRORS as exc:
-                for i in range(len(messages)):
-                    batch._settle(i, exc)
+                batch._fail_rest(exc)
                 return batch
             self._prefix = prefix
         nc = self._nc
         if nc.is_closed or not nc.is_connected:
             # Closed, or reconnecting: nothing goes out now; sent again after the back-off.
-            for i in range(len(messages)):
-                batch._settle(i, nats.errors.ConnectionClosedError())
+            batch._fail_rest(nats.errors.ConnectionClosedError())
             return batch
         waiting, reply_prefix, max_payload = self._waiting, self._prefix.encode(), nc.max_payload
         commands: list[bytes] = []
@@ -113,11 +119,7 @@ class PubAcks:
                 self.forget(batch)
                 if not isinstance(exc, SEND_ERRORS):
                     raise
-                for i, reply in enumerate(batch.replies):
-                    if reply is None:
-                        batch._settle(i, exc)
-        if not batch.remaining:
-            batch.done.set()
+                batch._fail_rest(exc)
         return batch
 
     def forget(self, batch: AckBatch) -> None:

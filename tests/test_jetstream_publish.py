@@ -97,16 +97,29 @@ async def test_a_message_the_stream_refuses_fails_for_good(
     )
     assert results[0].status is PublishStatus.FAILED
     assert "size" in results[0].error.lower()
+    assert "code 400" in results[0].error
     assert results[1].status is PublishStatus.STORED
 
 
-async def test_a_closed_connection_is_retried_not_raised(nats_url: str, unique_prefix: str) -> None:
+@pytest.mark.parametrize("published_before", [False, True])
+async def test_a_closed_connection_is_retried_not_raised(
+    nats_url: str, stream: str, unique_prefix: str, published_before: bool
+) -> None:
+    """Closed before the first publish (its reply inbox cannot be subscribed) or after one."""
     client = await nats.connect(nats_url)
     transport = JetStreamTransport(client)
+    subject = f"{unique_prefix}.pub.c"
+    if published_before:
+        [first] = await transport.publish([Outbound("k0", subject, b"")], 5.0)
+        assert first.status is PublishStatus.STORED
     await client.close()
-    results = await transport.publish([Outbound("k", f"{unique_prefix}.pub.c", b"")], 1.0)
-    assert [r.status for r in results] == [PublishStatus.RETRY]
+    results = await transport.publish([Outbound(f"k{i}", subject, b"") for i in (1, 2)], 1.0)
+    assert [r.status for r in results] == [PublishStatus.RETRY] * 2
     assert transport.in_flight == 0
+
+
+async def test_an_empty_list_publishes_nothing(nc: NatsClient) -> None:
+    assert await JetStreamTransport(nc).publish([], 0.1) == []
 
 
 async def test_a_payload_over_the_servers_limit_or_a_bad_subject_fails_alone(
