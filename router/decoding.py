@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 import msgspec
@@ -16,6 +17,7 @@ from caresync.codecs import (
     Subjects,
     WireFormat,
     decode_envelope,
+    validate_envelope,
 )
 from caresync.router.transport import Inbound
 
@@ -95,6 +97,41 @@ class CommandDecoder:
             entity=env.entity,
             occurred_at=env.occurred_at,
             payload=payload,
+            correlation_id=env.correlation,
+            causation_id=env.causation_id,
+            source=env.source,
+            refdata=self._refdata(message.timestamp_ns) if self._refdata is not None else None,
+        )
+        return Prepared(message, kind, env, command)
+
+    def prepare_local(self, message: Inbound, kind_name: str, env: Envelope) -> Prepared:
+        """What :meth:`prepare` makes of ``message``, the record of a command this partition
+        sends itself, from ``env``, the envelope it was just encoded from: the payload is
+        decoded from its bytes as from the stream, without decoding the envelope again.
+
+        ``occurred_at`` comes out in UTC (fold 0), as msgpack carries it; checks the envelope
+        and the kind as :meth:`prepare` does (raises the same CodecError)."""
+        validate_envelope(env)
+        kind = self._registry.get(kind_name)
+        if kind is None or env.entity_kind != kind_name:
+            raise ContractError(f"unknown entity kind {kind_name!r}", code="unknown_kind")
+        if env.command not in kind.commands:
+            raise ContractError(f"unknown command {env.kind!r} ($.kind)", code="unknown_command")
+        if env.schema_version > kind.schema_version:
+            raise ContractError(
+                f"$.schema_version {env.schema_version} of {env.kind!r} is newer than the "
+                f"version this router understands ({kind.schema_version})",
+                code="unsupported_version",
+            )
+        at = env.occurred_at
+        if at.tzinfo is not UTC or at.fold:
+            env = msgspec.structs.replace(env, occurred_at=at.astimezone(UTC).replace(fold=0))
+        command = Command(
+            id=env.id,
+            name=env.command,
+            entity=env.entity,
+            occurred_at=env.occurred_at,
+            payload=self._payload(kind.name, env, WireFormat.MSGPACK),
             correlation_id=env.correlation,
             causation_id=env.causation_id,
             source=env.source,

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from caresync.actors.contract import ActorRef, Command, Effect
-from caresync.codecs import CodecError, Subjects
+from caresync.codecs import CodecError, Subjects, encode_envelope
 from caresync.router.decoding import CommandDecoder, Prepared
-from caresync.router.outbox_rows import effect_row
+from caresync.router.outbox_rows import effect_envelope
 from caresync.router.transport import Inbound
 from caresync.store import OutboxRow
 
@@ -108,7 +108,8 @@ class LocalFanout:
 
         A local command's row is its record (on the local stream, with the header); the prepared
         command carries a message that stands at its root's stream position and time."""
-        row = effect_row(self._subjects, source_kind, command, effect)
+        subject, envelope, fmt = effect_envelope(self._subjects, source_kind, command, effect)
+        row = OutboxRow(effect.key, subject, encode_envelope(envelope, fmt))
         target = effect.target
         if not isinstance(target, ActorRef):
             return row, None
@@ -122,7 +123,8 @@ class LocalFanout:
             row.subject, row.payload, headers, root.stream, root.seq, "", root.timestamp_ns, n
         )
         try:
-            prepared = self._decoder.prepare(message)
+            # The command as the stream would give it, without decoding what was just encoded.
+            prepared = self._decoder.prepare_local(message, target.kind, envelope)
         except CodecError:
             return row, None
         tree.count += 1

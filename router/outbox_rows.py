@@ -38,6 +38,14 @@ def effect_row(
     subjects: Subjects, source_kind: str, command: Command[Any], effect: Effect
 ) -> OutboxRow:
     """The outbox row of one effect, keyed by its idempotency key."""
+    subject, envelope, fmt = effect_envelope(subjects, source_kind, command, effect)
+    return OutboxRow(key=effect.key, subject=subject, payload=encode_envelope(envelope, fmt))
+
+
+def effect_envelope(
+    subjects: Subjects, source_kind: str, command: Command[Any], effect: Effect
+) -> tuple[str, Envelope, WireFormat]:
+    """Subject, envelope and wire format of one effect (:func:`effect_row` encodes them)."""
     target = effect.target
     if isinstance(target, ActorRef):
         subject = subjects.internal(target.kind, target.entity)
@@ -55,7 +63,7 @@ def effect_row(
         causation_id=command.id,
         data=encode_payload(effect.payload if effect.payload is not None else {}, fmt),
     )
-    return OutboxRow(key=effect.key, subject=subject, payload=encode_envelope(envelope, fmt))
+    return subject, envelope, fmt
 
 
 def header_safe(text: str) -> str:
