@@ -128,6 +128,7 @@ class BatchApplier:
         self._store = store
         self._registry = registry
         self._subjects = subjects
+        self._hop_prefix = f"{subjects.prefix}.int."
         self._settings = settings
         self._decoder = CommandDecoder(registry, subjects, refdata)
         self._fanout = LocalFanout(subjects, self._decoder, partition)
@@ -209,7 +210,20 @@ class BatchApplier:
             raw = actor.state if actor.load_error else self._encoder.encode(actor.state)
             write.entities.append(EntityRow(kind, entity, raw, actor.parked, seq))
         self.keys.add(batch_no, [(a.kind, a.entity, a.command_id) for a in write.applied])
+        write.outbox = self._hops_first(write.outbox)
         return write, stats
+
+    def _hops_first(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        """``rows`` with the commands for other partitions first, each group in its order.
+
+        They are the ones another partition waits for: published first, they reach it while
+        the rest of the batch (local records, downstream effects, dead letters) is published.
+        The order of the rows of one subject is unchanged, so per-entity order holds."""
+        hop = self._hop_prefix
+        hops = [row for row in rows if row.subject.startswith(hop)]
+        if not hops or len(hops) == len(rows):
+            return rows
+        return hops + [row for row in rows if not row.subject.startswith(hop)]
 
     async def _apply_in_order(
         self, prepared: list[Prepared], done_before: Set[DedupeKey], run: _Pass

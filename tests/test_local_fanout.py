@@ -26,11 +26,13 @@ from caresync.actors.contract import ActorRef, Effect
 from caresync.cli.up import mappings_config
 from caresync.codecs import Subjects, encode_envelope, make_envelope
 from caresync.router.actor import Supervision
+from caresync.router.batch_apply import BatchApplier
 from caresync.router.embedded import EmbeddedNats
 from caresync.router.local_fanout import H_APPLIED_AT, applied_at
 from caresync.router.memory_transport import MemoryTransport
 from caresync.router.replay import rebuild
 from caresync.router.runtime import Router, RouterSettings
+from caresync.router.transport import Inbound
 from caresync.router.worker_settings import WorkerSettings
 from caresync.store import Store
 
@@ -279,3 +281,38 @@ async def test_the_partition_of_an_entity_is_the_one_the_server_maps_it_to(
         kind = ("billing", "item", "log")[i % 3]
         assert int(subject.split(".")[2]) == subjects.partition_of(kind, entity), entity
     assert len({s.split(".")[2] for s in got}) == 5
+
+
+async def test_commands_for_another_partition_are_published_first_each_subject_in_order(
+    store: Store,
+) -> None:
+    # Two partitions: of the logs F1 sends to, some live in partition 0 (applied now and
+    # recorded), the others in partition 1 (published to it).  The batch's rows put the latter
+    # first: the other partition waits for them, nobody waits for the records.
+    subjects = Subjects(partitions=2)
+    logs = [f"L{i}" for i in range(12)]
+    remote = [log for log in logs if subjects.partition_of("log", log) == 1]
+    assert 0 < len(remote) < len(logs)
+    applier = BatchApplier(
+        stream=subjects.input_stream(0),
+        store=store,
+        registry=REGISTRY,
+        subjects=subjects,
+        settings=WorkerSettings(),
+        partition=0,
+    )
+    subject, data = send("F1", "s1", [*logs, *logs[:3]], key="")
+    message = Inbound(subject, data, None, subjects.input_stream(0), 1, "", 1, 0)
+    try:
+        write, _ = await applier.apply([message], 1)
+    finally:
+        applier.close()
+    rows = [(row.subject.split(".")[1], row.subject.split(".")[-1]) for row in write.outbox]
+    sent_to = [*logs, *logs[:3]]
+    hops = [("int", log) for log in sent_to if log in remote]
+    records = [("loc", log) for log in sent_to if log not in remote]
+    assert rows == hops + records
+    assert [row.key for row in write.outbox if row.subject.endswith(".L0")] == sorted(
+        (row.key for row in write.outbox if row.subject.endswith(".L0")),
+        key=lambda key: int(key.rsplit(":", 1)[1]),
+    )
