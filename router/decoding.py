@@ -109,8 +109,9 @@ class CommandDecoder:
         sends itself, from ``env``, the envelope it was just encoded from: the payload is
         decoded from its bytes as from the stream, without decoding the envelope again.
 
-        ``occurred_at`` comes out in UTC (fold 0), as msgpack carries it; checks the envelope
-        and the kind as :meth:`prepare` does (raises the same CodecError)."""
+        ``occurred_at`` comes out in UTC (fold 0), as msgpack carries it.  Raises a CodecError
+        wherever :meth:`prepare` would (tests/test_local_prepare.py); the caller then sends the
+        command through the stream, where :meth:`prepare` names the problem."""
         validate_envelope(env)
         kind = self._registry.get(kind_name)
         if kind is None or env.entity_kind != kind_name:
