@@ -473,14 +473,59 @@ async def test_prune_applied_removes_only_old_records(store: Store) -> None:
     assert await store.prune_applied(older_than=300.0) == 0  # strictly older only
 
 
-async def test_prune_outbox_forgets_only_old_sent_effects(store: Store) -> None:
-    await store.commit(BatchWrite(outbox=[outbox("old"), outbox("new"), outbox("waiting")]))
-    await store.commit(BatchWrite(sent=[("old", 100.0), ("new", 300.0)]))
+def _written_at(store: Store, times: dict[str, float]) -> None:
+    """Stamp outbox rows as written at these times (the store stamps them now)."""
+    db = sqlite3.connect(store.path)
+    try:
+        with db:
+            db.executemany(
+                "UPDATE outbox SET created_at = ? WHERE key = ?",
+                [(at, key) for key, at in times.items()],
+            )
+    finally:
+        db.close()
 
-    assert await store.prune_outbox(older_than=200.0) == 1
+
+async def test_prune_outbox_forgets_only_old_sent_effects(store: Store) -> None:
+    keys = ["old", "older", "waiting", "new", "late"]
+    await store.commit(BatchWrite(outbox=[outbox(key) for key in keys]))
+    # Written in this order; "late" was stamped earlier than "new" (the clock went back).
+    _written_at(store, {"old": 50.0, "older": 60.0, "waiting": 70.0, "new": 250.0, "late": 40.0})
+    await store.commit(
+        BatchWrite(sent=[("old", 100.0), ("older", 150.0), ("new", 300.0), ("late", 90.0)])
+    )
+
+    # Only rows written before the first one written since 200 are looked at: "late" waits.
+    assert await store.prune_outbox(older_than=200.0) == 2
     assert [p.key for p in await store.pending_effects()] == ["waiting"]
     counts = await store.counts()
-    assert (counts["outbox_sent"], counts["outbox_pending"]) == (1, 1)
+    assert (counts["outbox_sent"], counts["outbox_pending"]) == (2, 1)
+    # Once nothing was written since the cut, every row is looked at.
+    assert await store.prune_outbox(older_than=400.0) == 2
+    counts = await store.counts()
+    assert (counts["outbox_sent"], counts["outbox_pending"]) == (0, 1)
+
+
+async def test_prune_outbox_reads_only_the_rows_before_the_first_recent_one(store: Store) -> None:
+    # Pruning holds the write lock: a scan of a day's outbox there stalls every commit.
+    await store.commit(BatchWrite(outbox=[outbox("a"), outbox("b")]))
+    statements: list[str] = []
+    await store.connection.set_trace_callback(statements.append)
+    try:
+        await store.prune_outbox(older_than=0.0)
+    finally:
+        await store.connection.set_trace_callback(None)
+    ran = [sql for sql in statements if sql.lstrip().startswith(("SELECT", "DELETE"))]
+    assert len(ran) == 2
+    db = sqlite3.connect(store.path)
+    try:
+        plans = [
+            " | ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")) for sql in ran
+        ]
+    finally:
+        db.close()
+    assert "TEMP B-TREE" not in plans[0]  # in seq order: it stops at the first recent row
+    assert "INTEGER PRIMARY KEY (rowid<?)" in plans[1]
 
 
 async def test_an_effect_found_in_the_streams_is_recorded_as_sent(store: Store) -> None:
