@@ -78,31 +78,7 @@ class CommandDecoder:
                 f"$.entity {env.entity!r} does not match the subject's entity {address.entity!r}",
                 code="entity_mismatch",
             )
-        if env.command not in kind.commands:
-            known = ", ".join(sorted(kind.commands))
-            raise ContractError(
-                f"unknown command {env.kind!r} ($.kind); {kind.name} accepts: {known}",
-                code="unknown_command",
-            )
-        if env.schema_version > kind.schema_version:
-            raise ContractError(
-                f"$.schema_version {env.schema_version} of {env.kind!r} is newer than the "
-                f"version this router understands ({kind.schema_version})",
-                code="unsupported_version",
-            )
-        payload = self._payload(kind.name, env, fmt)
-        command = Command(
-            id=env.id,
-            name=env.command,
-            entity=env.entity,
-            occurred_at=env.occurred_at,
-            payload=payload,
-            correlation_id=env.correlation,
-            causation_id=env.causation_id,
-            source=env.source,
-            refdata=self._refdata(message.timestamp_ns) if self._refdata is not None else None,
-        )
-        return Prepared(message, kind, env, command)
+        return self._prepared(message, kind, env, fmt)
 
     def prepare_local(self, message: Inbound, kind_name: str, env: Envelope) -> Prepared:
         """What :meth:`prepare` makes of ``message``, the record of a command this partition
@@ -116,23 +92,33 @@ class CommandDecoder:
         kind = self._registry.get(kind_name)
         if kind is None or env.entity_kind != kind_name:
             raise ContractError(f"unknown entity kind {kind_name!r}", code="unknown_kind")
+        at = env.occurred_at
+        if at.tzinfo is not UTC or at.fold:
+            env = msgspec.structs.replace(env, occurred_at=at.astimezone(UTC).replace(fold=0))
+        return self._prepared(message, kind, env, WireFormat.MSGPACK)
+
+    def _prepared(
+        self, message: Inbound, kind: EntityKind[Any, Any], env: Envelope, fmt: WireFormat
+    ) -> Prepared:
+        """The command ``env`` carries for ``kind`` (the address already checked)."""
         if env.command not in kind.commands:
-            raise ContractError(f"unknown command {env.kind!r} ($.kind)", code="unknown_command")
+            known = ", ".join(sorted(kind.commands))
+            raise ContractError(
+                f"unknown command {env.kind!r} ($.kind); {kind.name} accepts: {known}",
+                code="unknown_command",
+            )
         if env.schema_version > kind.schema_version:
             raise ContractError(
                 f"$.schema_version {env.schema_version} of {env.kind!r} is newer than the "
                 f"version this router understands ({kind.schema_version})",
                 code="unsupported_version",
             )
-        at = env.occurred_at
-        if at.tzinfo is not UTC or at.fold:
-            env = msgspec.structs.replace(env, occurred_at=at.astimezone(UTC).replace(fold=0))
         command = Command(
             id=env.id,
             name=env.command,
             entity=env.entity,
             occurred_at=env.occurred_at,
-            payload=self._payload(kind.name, env, WireFormat.MSGPACK),
+            payload=self._payload(kind.name, env, fmt),
             correlation_id=env.correlation,
             causation_id=env.causation_id,
             source=env.source,
