@@ -130,8 +130,8 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
     )
     lat_n = max(1, opts.latency_n)
     # The throughput workload's commands per key, so that its mix of kinds (and fan-out)
-    # is the same and 50 % of the measured rate is 50 % of the load; interleaved, so that the
-    # mix is the same all through a phase (see build_workload).
+    # is the same and 50 % of the measured rate is 50 % of the load; steady, so that the mix
+    # is the same all through a phase, its first and last commands included (build_workload).
     latencies = [
         build_workload(
             lat_n,
@@ -141,7 +141,7 @@ async def run_fanout(opts: Options) -> dict[str, Any]:
             seed=opts.seed + 1 + i,
             prefix=f"lat{round(level * 100)}-",
             subjects=subjects,
-            interleaved=True,
+            steady=True,
         )
         for i, level in enumerate(opts.levels)
     ]
@@ -216,7 +216,11 @@ async def _caresync(
             ],
         )
         tp_model = run_pure(pure, [(c.subject, c.data) for c in workload.commands])
-        lat_models = [run_pure(pure, [(c.subject, c.data) for c in w.commands]) for w in latencies]
+        # In the order the router gets them: each phase's warm-up, then the phase.
+        warm_models, lat_models = [], []
+        for w in latencies:
+            warm_models.append(run_pure(pure, [(c.subject, c.data) for c in w.warmup]))
+            lat_models.append(run_pure(pure, [(c.subject, c.data) for c in w.commands]))
         deadline_s = 60.0 + (workload.n + tp_model.internal_sent) / 100
         _say(
             f"caresync: {workload.n} commands ({workload.unique} unique), "
@@ -248,7 +252,22 @@ async def _caresync(
         peak = workload.n / tp["elapsed_s"]
         models = [stock, tp_model]
         phases = []
-        for level, lat_workload, lat_model in zip(opts.levels, latencies, lat_models, strict=True):
+        for level, lat_workload, warm_model, lat_model in zip(
+            opts.levels, latencies, warm_models, lat_models, strict=True
+        ):
+            if lat_workload.warmup:
+                await fo.publish_all(js, [(c.subject, c.data) for c in lat_workload.warmup])
+                models.append(warm_model)
+                so_far = combine(models)
+                await fo.wait_applied(
+                    nc,
+                    subjects,
+                    process,
+                    accepted=so_far.accepted,
+                    duplicates=so_far.duplicates,
+                    deadline_s=deadline_s,
+                    what=f"warm-up of the latency phase at {level:.0%}",
+                )
             rate = level * peak
             _say(f"caresync: latency phase at {level:.0%} of peak ({rate:.0f} commands/s)")
             published = await fo.latency_phase(js, lat_workload, rate)
@@ -297,7 +316,8 @@ async def _caresync(
         "outbox_sent": outbox.get("sent", 0),
         "outbox_expected": model.internal_sent + model.downstream_sent,
         "outbox_not_sent": sum(v for k, v in outbox.items() if k != "sent"),
-        "duplicates_sent": workload.duplicates + sum(w.duplicates for w in latencies),
+        "duplicates_sent": workload.duplicates
+        + sum(w.duplicates + sum(c.duplicate for c in w.warmup) for w in latencies),
         "duplicates_skipped": reached.get("duplicates", 0),
         "accepted": reached.get("accepted", 0),
         "accepted_expected": model.accepted,

@@ -29,7 +29,9 @@ LATENCY_DEFINITION = (
     "publish -> all internal fan-out commands of that command applied, every hop (the "
     "applied_at of the last of them, or of the command itself if it fans out to nothing, "
     "stamped when the router starts applying that batch), paced at a fraction of the "
-    "measured caresync throughput (50% unless stated), each level after a 1 s pause"
+    "measured caresync throughput (50% unless stated), the same mix of kinds all through a "
+    "level (lanes of lifecycles started at a random step; the steps before it sent untimed "
+    "first and applied), each level after a 1 s pause"
 )
 DOWNSTREAM = "connectors off (no simulator): downstream effects end in the output stream, not timed"
 IN_FLIGHT = 5000

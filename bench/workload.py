@@ -66,6 +66,9 @@ class Workload:
     commands: list[BenchCommand]
     keys: int
     items_per_procedure: int
+    warmup: list[BenchCommand] = field(default_factory=list)
+    """Commands to send (and see applied) before ``commands``, untimed: the beginnings of the
+    lifecycles a steady workload is in the middle of when it starts (see build_workload)."""
     unique: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,15 +120,24 @@ def build_workload(
     seed: int = SEED,
     prefix: str = "",
     subjects: Subjects | None = None,
-    interleaved: bool = False,
+    steady: bool = False,
 ) -> Workload:
     """N messages over M appointment keys (``<prefix>appt-<i>``), payload bytes included.
 
     The peer's order is round by round (every booking, then every first reschedule... then
     every end): right for a throughput burst, but paced it offers the heavy bookings and ends
     (7 internal commands each) in long runs between runs of light reschedules (1 each).
-    ``interleaved`` starts each key at a random round instead, so that every stretch of the
-    send order carries the same mix of kinds; per-key order holds either way.
+
+    ``steady`` makes a workload to pace instead, with the same mix of kinds in every stretch
+    of it, first and last included: M lanes of N/M commands each (the lifecycle length K).
+    Lane ``l`` starts at a random step ``o`` of a lifecycle: its key's first ``o`` commands
+    are the untimed :attr:`Workload.warmup`, the other ``K - o`` (the end included) are timed,
+    then the lane's second key (``<prefix>appt-<M + l>``) takes its first ``o`` commands and is
+    left open.  So at each round every lane is at a uniformly drawn step of a lifecycle: one
+    round in K is a booking, one an end, as in the throughput workload on average.  (Keys that
+    all start at round 0 would book together at the head and end together at the tail: paced
+    at 50 % of the peak, the head and tail offer more than the peak and the latency measured
+    there is a queue's.)  The rounds are sent in order, shuffled within; per-key order holds.
 
     ``items_per_procedure`` is not drawn from: it only says which reference data the
     workload is meant for (see :mod:`caresync.bench.refdata`).
@@ -136,8 +148,8 @@ def build_workload(
     rng = random.Random(seed)
     base, extra = divmod(n, m)
     per_key: list[list[BenchCommand]] = []
-    for i in range(m):
-        count = base + (1 if i < extra else 0)
+    for i in range(2 * m if steady else m):
+        count = base + (1 if i % m < extra else 0)
         if count == 0:
             continue
         key = f"{prefix}appt-{i}"
@@ -188,19 +200,39 @@ def build_workload(
                     )
                 )
         per_key.append(seq)
+    if steady:
+        return _steady(per_key, rng, items_per_procedure)
     order: list[BenchCommand] = []
     rounds = max(len(s) for s in per_key)
-    if interleaved:
-        starts = [rng.randrange(rounds) for _ in per_key]
-        slots = sorted(
-            (start + r, rng.random(), k, r)
-            for k, (start, s) in enumerate(zip(starts, per_key, strict=True))
-            for r in range(len(s))
-        )
-        order = [per_key[k][r] for _, _, k, r in slots]
-        return Workload(order, len(per_key), items_per_procedure)
     for r in range(rounds):
         this_round = [s[r] for s in per_key if r < len(s)]
         rng.shuffle(this_round)
         order.extend(this_round)
     return Workload(order, len(per_key), items_per_procedure)
+
+
+def _steady(
+    per_key: list[list[BenchCommand]], rng: random.Random, items_per_procedure: int
+) -> Workload:
+    """The lanes of a ``steady`` workload (see :func:`build_workload`): ``per_key`` holds
+    the M first keys, then the M second keys, each a whole lifecycle."""
+    m = len(per_key) // 2
+    timed: list[tuple[int, float, BenchCommand]] = []
+    warm: list[tuple[int, float, BenchCommand]] = []
+    keys = m
+    for first, second in zip(per_key[:m], per_key[m:], strict=True):
+        step = rng.randrange(len(first))
+        keys += step > 0
+        lane = first[step:] + second[:step]
+        warm += [(r, rng.random(), c) for r, c in enumerate(first[:step])]
+        timed += [(r, rng.random(), c) for r, c in enumerate(lane)]
+    return Workload(
+        [c for _, _, c in sorted(timed, key=_slot)],
+        keys,
+        items_per_procedure,
+        warmup=[c for _, _, c in sorted(warm, key=_slot)],
+    )
+
+
+def _slot(item: tuple[int, float, BenchCommand]) -> tuple[int, float]:
+    return item[0], item[1]

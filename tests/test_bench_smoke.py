@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +255,32 @@ def test_bench_entities_quick_json(tmp_path: Path) -> None:
     assert doc["live_actors_idle"] == 0
     assert doc["checks"]["ready_after_restart"] is True
     assert doc["checks"]["refused"] == 0
+
+
+def test_steady_workload_keeps_its_mix_from_first_to_last_command() -> None:
+    """Paced, a workload whose keys all start together books at its head and ends at its
+    tail: a steady one has the throughput workload's mix in every stretch, and every key's
+    commands in order once its warm-up (the lifecycles' beginnings) is sent first."""
+    n, m = 20_000, 2_000  # lifecycles of 10 commands: 1 booking, 8 reschedules, 1 end
+    w = build_workload(n, m, items_per_procedure=3, dup_rate=0.0, steady=True)
+    assert w.n == n
+    assert w.duplicates == 0
+    assert 0.35 * n < len(w.warmup) < 0.55 * n  # a lane starts at step 0..9: 4.5 on average
+    # Every key in order: booked first, never past its end, warm-up before the timed part.
+    per_key: dict[str, list[str]] = {}
+    for c in [*w.warmup, *w.commands]:
+        per_key.setdefault(c.key, []).append(c.command_id)
+    for key, ids in per_key.items():
+        assert ids == sorted(ids, key=lambda cid: int(cid.rsplit("-e", 1)[1])), key
+        assert ids[0].endswith("-e0"), key
+    assert len(per_key) == w.keys
+    # The mix of each tenth of the timed commands, first and last included.
+    tenth = n // 10
+    for i in range(10):
+        names = Counter(c.name for c in w.commands[i * tenth : (i + 1) * tenth])
+        assert 0.07 * tenth < names["book"] < 0.13 * tenth, (i, names)
+        assert 0.07 * tenth < names["complete"] + names["cancel"] < 0.13 * tenth, (i, names)
+    # The old shape, for contrast: the peer's order books every key in its first tenth.
+    head = Counter(c.name for c in build_workload(n, m, dup_rate=0.0).commands[:tenth])
+    assert head["book"] == tenth
+    assert w == build_workload(n, m, items_per_procedure=3, dup_rate=0.0, steady=True)
