@@ -31,7 +31,7 @@ from caresync.bench import fanout as fo
 from caresync.bench import report
 from caresync.bench.args import add_arguments
 from caresync.bench.deployment import measure, say
-from caresync.bench.expected import PureRouter, combine, fanout_by_kind, run_pure
+from caresync.bench.expected import Expected, PureRouter, combine, fanout_by_kind, run_pure
 from caresync.bench.peer import run_restate
 from caresync.bench.refdata import read_back, write_csv
 from caresync.bench.workload import SEED, Workload, build_workload
@@ -252,36 +252,31 @@ async def _caresync(
         peak = workload.n / tp["elapsed_s"]
         models = [stock, tp_model]
         phases = []
-        for level, lat_workload, warm_model, lat_model in zip(
-            opts.levels, latencies, warm_models, lat_models, strict=True
-        ):
-            if lat_workload.warmup:
-                await fo.publish_all(js, [(c.subject, c.data) for c in lat_workload.warmup])
-                models.append(warm_model)
-                so_far = combine(models)
-                await fo.wait_applied(
-                    nc,
-                    subjects,
-                    process,
-                    accepted=so_far.accepted,
-                    duplicates=so_far.duplicates,
-                    deadline_s=deadline_s,
-                    what=f"warm-up of the latency phase at {level:.0%}",
-                )
-            rate = level * peak
-            _say(f"caresync: latency phase at {level:.0%} of peak ({rate:.0f} commands/s)")
-            published = await fo.latency_phase(js, lat_workload, rate)
-            models.append(lat_model)
+
+        async def wait_for(part: Expected, what: str) -> dict[str, int]:
+            """Add ``part`` to what the router must have done; wait until it has."""
+            models.append(part)
             so_far = combine(models)
-            reached = await fo.wait_applied(
+            return await fo.wait_applied(
                 nc,
                 subjects,
                 process,
                 accepted=so_far.accepted,
                 duplicates=so_far.duplicates,
                 deadline_s=deadline_s,
-                what=f"latency phase at {level:.0%}",
+                what=what,
             )
+
+        for level, lat_workload, warm_model, lat_model in zip(
+            opts.levels, latencies, warm_models, lat_models, strict=True
+        ):
+            if lat_workload.warmup:
+                await fo.publish_all(js, [(c.subject, c.data) for c in lat_workload.warmup])
+                await wait_for(warm_model, f"warm-up of the latency phase at {level:.0%}")
+            rate = level * peak
+            _say(f"caresync: latency phase at {level:.0%} of peak ({rate:.0f} commands/s)")
+            published = await fo.latency_phase(js, lat_workload, rate)
+            reached = await wait_for(lat_model, f"latency phase at {level:.0%}")
             phases.append((level, rate, lat_workload, lat_model, published))
             marks.append(stage_totals(await fo.health(nc, subjects)))
         model = combine(models)
