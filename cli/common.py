@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +108,19 @@ __all__ = [
     "load_context",
     "resolve_url",
 ]
+
+
+def tune_gc() -> None:
+    """Make the collector fit a router or a rebuild: many short-lived objects per batch, and
+    long-lived entity states that only grow.
+
+    A batch keeps a few thousand objects alive for its whole life, so with CPython's default
+    thresholds (700, 10, 10) they get promoted and trigger full collections every fraction of
+    a second that free nothing (measured: ~25% of the router's time, and most of its p99).
+    A rebuild's fold is the same, over a heap of every entity it holds: ``replay rebuild
+    --full`` of 200,200 messages took 35.7 s with the default thresholds, 30.9 s with these.
+    Start-up objects are frozen out of the collector, and the young generation is larger.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)

@@ -20,7 +20,7 @@ import nats.js.errors
 import orjson
 
 from caresync.actors import default_registry
-from caresync.cli.common import CommandError, Context, connect_client, print_json
+from caresync.cli.common import CommandError, Context, connect_client, print_json, tune_gc
 from caresync.cli.replay import broker_url, lock_data_dir
 from caresync.router.errors import RouterError
 from caresync.router.logs import configure_logging
@@ -113,6 +113,7 @@ async def run_rebuild(
     From each file's snapshot in JetStream where one is sound, unless ``full``.  ``group``:
     this is one of the processes of a rebuild started by another (which holds the lock)."""
     configure_logging("warning", ctx.config.log.format)
+    tune_gc()
     child = group is not None
     lock = None if child else lock_data_dir(ctx, "caresync replay rebuild", "a rebuild")
     cfg = ctx.config

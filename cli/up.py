@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import signal
 import sys
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from contextlib import AsyncExitStack
 import anyio
 from anyio.abc import TaskStatus
 
-from caresync.cli.common import CommandError, Context
+from caresync.cli.common import CommandError, Context, tune_gc
 from caresync.cli.datadir import (
     DataDirError,
     DataDirLock,
@@ -36,19 +35,6 @@ def mappings_config(subjects: Subjects) -> str:
         return ""
     lines = "\n".join(f'  "{src}": "{dst}"' for src, dst in mappings.items())
     return f"mappings {{\n{lines}\n}}\n"
-
-
-def tune_gc() -> None:
-    """Make the collector fit a router: few long-lived objects, many short-lived per batch.
-
-    A batch keeps a few thousand objects alive for its whole life, so with CPython's default
-    thresholds (700, 10, 10) they get promoted and trigger full collections every fraction of
-    a second that free nothing (measured: ~25% of the router's time, and most of its p99).
-    Start-up objects are frozen out of the collector, and the young generation is larger.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
 
 
 def wants_simulators(cfg: Config) -> bool:
