@@ -100,16 +100,6 @@ def print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
-__all__ = [
-    "CommandError",
-    "ConfigError",
-    "Context",
-    "connect_client",
-    "load_context",
-    "resolve_url",
-]
-
-
 def tune_gc() -> None:
     """Make the collector fit a router or a rebuild: many short-lived objects per batch, and
     long-lived entity states that only grow.
@@ -124,3 +114,15 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+
+__all__ = [
+    "CommandError",
+    "ConfigError",
+    "Context",
+    "connect_client",
+    "load_context",
+    "print_json",
+    "resolve_url",
+    "tune_gc",
+]
